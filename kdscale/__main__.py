@@ -1,0 +1,5 @@
+import sys
+
+from kdscale.cli import main
+
+sys.exit(main())

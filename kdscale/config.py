@@ -1,0 +1,290 @@
+"""Typed experiment configs: dataclasses loaded from YAML, dotted command-line overrides,
+validated before any work starts.
+
+A config file mirrors `Config` below; every key is optional. Overrides on the command line
+use the same dotted keys: `--loss.temperature 4 --student.layers [0,2]`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from kdscale.errors import KdscaleError
+
+
+class ConfigError(KdscaleError):
+    """A config key or value that cannot be used; the message names the key."""
+
+
+@dataclass
+class TeacherConfig:
+    model: str | None = None  # hub name or local directory to fine-tune from
+    config: dict | None = None  # inline BertConfig fields: a teacher built from scratch
+    tokenizer: str | None = None  # hub name or directory; default: teacher.model
+    checkpoint: str | None = None  # an already fine-tuned teacher; default <output_dir>/teacher
+
+
+@dataclass
+class StudentConfig:
+    # Teacher layers copied into the student: a list of indices, "first:K" (the seed recipe
+    # keeps the first 3), "every_other" (DistilBERT) or "uniform:K" (K evenly spaced).
+    layers: list[int] | str = "first:3"
+
+
+@dataclass
+class DataConfig:
+    dataset: str | None = None  # hub dataset name, e.g. "glue"; or use train_file/eval_file
+    subset: str | None = None  # hub dataset config, e.g. "sst2"
+    train_file: str | None = None  # local csv/tsv/json/jsonl/parquet
+    eval_file: str | None = None
+    train_split: str = "train"
+    eval_split: str = "validation"
+    text_column: str = "sentence"
+    text_pair_column: str | None = None  # set for sentence-pair tasks (MNLI, QQP, ...)
+    label_column: str = "label"
+    rename_columns: dict | None = None  # {name in file: name above}, where files differ
+    max_length: int = 128
+    max_train_examples: int | None = None  # keep the first N rows (quick runs)
+    max_eval_examples: int | None = None
+
+
+@dataclass
+class CacheConfig:
+    dir: str | None = None  # default <output_dir>/cache
+    dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    shard_rows: int = 8192
+    batch_size: int = 64  # teacher forward batch while caching
+    overwrite: bool = False  # replace a complete cache built from another teacher or data
+
+
+@dataclass
+class LossConfig:
+    temperature: float = 2.0
+    alpha: float = 0.5  # weight of the soft (KL) term; 1 - alpha goes to hard-label CE
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 3.0
+    batch_size: int = 32  # per device
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    gradient_accumulation_steps: int = 1
+    max_steps: int | None = None  # stop early (quick runs); None trains all epochs
+    log_every: int = 10
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 64
+    latency_batches: int = 20  # timed batches per model, after warm-up
+
+
+@dataclass
+class Config:
+    output_dir: str = "runs/kdscale"
+    seed: int = 42
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    finetune: TrainConfig = field(default_factory=lambda: TrainConfig(learning_rate=5e-5))
+    distill: TrainConfig = field(default_factory=lambda: TrainConfig(learning_rate=1e-4))
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def teacher_dir(self) -> Path:
+        return Path(self.teacher.checkpoint or Path(self.output_dir) / "teacher")
+
+    @property
+    def student_dir(self) -> Path:
+        return Path(self.output_dir) / "student"
+
+    @property
+    def cache_dir(self) -> Path:
+        return Path(self.cache.dir or Path(self.output_dir) / "cache")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML file <- `--dotted.key value` overrides, then validated."""
+    raw: dict = {}
+    if path is not None:
+        raw = read_yaml(path)
+    for key, value in parse_overrides(overrides or []):
+        set_dotted(raw, key, value)
+    return config_from_dict(raw)
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, "
+                          f"got {type(raw).__name__}")
+    return raw
+
+
+def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
+    """`["--loss.temperature", "4", "--student.layers=[0,2]"]` -> [("loss.temperature", 4), ...]."""
+    pairs, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"expected an override like --section.key value, got {arg!r}")
+        if "=" in arg:
+            key, text = arg[2:].split("=", 1)
+            i += 1
+        elif i + 1 < len(args):
+            key, text = arg[2:], args[i + 1]
+            i += 2
+        else:
+            raise ConfigError(f"override {arg} has no value")
+        pairs.append((key, yaml.safe_load(text)))
+    return pairs
+
+
+def set_dotted(raw: dict, key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot set {key}: {part} is not a section")
+    node[leaf] = value
+
+
+def config_from_dict(raw: dict) -> Config:
+    config = _build(Config, raw, prefix="")
+    validate(config)
+    return config
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    values = {}
+    for key, value in raw.items():
+        if key not in names:
+            hint = difflib.get_close_matches(str(key), names, n=1)
+            suggestion = f" (did you mean {prefix}{hint[0]}?)" if hint else ""
+            raise ConfigError(f"unknown key {prefix}{key}{suggestion}; expected one of {names}")
+        kind = hints[key]
+        if dataclasses.is_dataclass(kind):
+            values[key] = _build(kind, value, f"{prefix}{key}.")
+        else:
+            values[key] = _coerce(value, kind, f"{prefix}{key}")
+    return cls(**values)
+
+
+def _coerce(value: Any, kind: Any, key: str) -> Any:
+    """Return `value` as type `kind`, or raise naming the key and the expected type."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (Union, types.UnionType):
+        for option in args:
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                continue
+    elif origin is Literal:
+        if value in args:
+            return value
+    elif origin is list:
+        if isinstance(value, list):
+            return [_coerce(item, args[0], f"{key}[{i}]") for i, item in enumerate(value)]
+    elif kind is type(None):
+        if value is None:
+            return None
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads 1e-5 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif kind in (str, bool, dict):
+        if isinstance(value, kind):
+            return value
+    raise ConfigError(f"{key}: expected {_describe(kind)}, got {value!r}")
+
+
+def _describe(kind: Any) -> str:
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin is list:
+        return f"a list of {_describe(args[0])}"
+    if kind is type(None):
+        return "null"
+    return {float: "a number", int: "an integer", str: "a string", bool: "true or false",
+            dict: "a mapping"}.get(kind, str(kind))
+
+
+def validate(config: Config) -> None:
+    """Impossible values stop here, before any model or data is touched."""
+    _check(config.loss.temperature > 0, "loss.temperature", "a number > 0", config.loss.temperature)
+    _check(0.0 <= config.loss.alpha <= 1.0, "loss.alpha", "a number in [0, 1]", config.loss.alpha)
+    for section in ("finetune", "distill"):
+        _validate_train(getattr(config, section), section)
+    for key in ("max_length", "max_train_examples", "max_eval_examples"):
+        value = getattr(config.data, key)
+        _check(value is None or value > 0, f"data.{key}", "an integer > 0", value)
+    for key, value in (("cache.shard_rows", config.cache.shard_rows),
+                       ("cache.batch_size", config.cache.batch_size),
+                       ("eval.batch_size", config.eval.batch_size)):
+        _check(value > 0, key, "an integer > 0", value)
+    _check(not (config.teacher.model and config.teacher.config), "teacher",
+           "either teacher.model or teacher.config, not both", "both")
+    _check(not (config.data.dataset and config.data.train_file), "data",
+           "either data.dataset or data.train_file, not both", "both")
+    layers_in_teacher = (config.teacher.config or {}).get("num_hidden_layers")
+    if layers_in_teacher is not None:
+        from kdscale.models import resolve_layers  # models imports transformers: keep it lazy
+
+        resolve_layers(config.student.layers, layers_in_teacher)
+
+
+def _validate_train(train: TrainConfig, section: str) -> None:
+    _check(train.epochs > 0, f"{section}.epochs", "a number > 0", train.epochs)
+    _check(train.batch_size > 0, f"{section}.batch_size", "an integer > 0", train.batch_size)
+    _check(train.learning_rate > 0, f"{section}.learning_rate", "a number > 0", train.learning_rate)
+    _check(0 <= train.warmup_ratio < 1, f"{section}.warmup_ratio", "a number in [0, 1)",
+           train.warmup_ratio)
+    _check(train.gradient_accumulation_steps > 0, f"{section}.gradient_accumulation_steps",
+           "an integer > 0", train.gradient_accumulation_steps)
+    _check(train.max_steps is None or train.max_steps > 0, f"{section}.max_steps",
+           "an integer > 0 or null", train.max_steps)
+    _check(train.log_every > 0, f"{section}.log_every", "an integer > 0", train.log_every)
+
+
+def _check(ok: bool, key: str, expected: str, got: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: expected {expected}, got {got!r}")
+
+
+def to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)

@@ -1,0 +1,227 @@
+"""Task data through `datasets`: local files or a hub dataset, tokenized with the teacher's
+tokenizer, with a stable `example_id` per example (the cache's key) and a fingerprint of the
+processed data (the cache refuses data it was not built from)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import torch
+
+from kdscale.config import DataConfig
+from kdscale.errors import KdscaleError
+
+# Extension -> (datasets builder, extra loader arguments). TSV is read without quote handling:
+# GLUE's sentences contain bare quotes that a csv reader would swallow.
+_BUILDERS = {
+    ".csv": ("csv", {}),
+    ".tsv": ("csv", {"delimiter": "\t", "quoting": 3}),
+    ".json": ("json", {}),
+    ".jsonl": ("json", {}),
+    ".parquet": ("parquet", {}),
+}
+MODEL_COLUMNS = ["input_ids", "attention_mask", "token_type_ids", "labels", "example_id"]
+
+
+class DataError(KdscaleError):
+    """Data that cannot be used as configured; the message names the file, column or key."""
+
+
+@dataclass
+class TaskData:
+    dataset: datasets.Dataset  # tokenized: MODEL_COLUMNS (token_type_ids where the model has them)
+    label_names: list[str]
+    fingerprint: str
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+
+def check_sources(cfg: DataConfig) -> None:
+    """Fail fast on files or settings that cannot work, before any model is loaded."""
+    if cfg.dataset is None and cfg.train_file is None:
+        raise DataError("data: set data.train_file (a local file) or data.dataset (a hub name)")
+    for key in ("train_file", "eval_file"):
+        path = getattr(cfg, key)
+        if path is None:
+            continue
+        if Path(path).suffix not in _BUILDERS:
+            raise DataError(f"data.{key}: {path} has extension {Path(path).suffix!r}; "
+                            f"expected one of {sorted(_BUILDERS)}")
+        if not Path(path).is_file():
+            raise DataError(f"data.{key}: file {path} does not exist")
+        columns = _peek_columns(Path(path))
+        if columns is not None:
+            renamed = [(cfg.rename_columns or {}).get(c, c) for c in columns]
+            _check_columns(renamed, cfg, f"data file {path}")
+
+
+def _peek_columns(path: Path) -> list[str] | None:
+    """Column names from a file's header or first record, without loading the file."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet
+
+        return pyarrow.parquet.read_schema(path).names
+    with path.open(encoding="utf-8", errors="replace") as f:
+        first = f.readline().rstrip("\r\n")
+    if path.suffix in (".csv", ".tsv"):
+        return [c.strip().strip('"') for c in first.split("\t" if path.suffix == ".tsv" else ",")]
+    try:  # jsonl (and .json written one record per line); a JSON array is checked on load
+        record = json.loads(first)
+    except json.JSONDecodeError:
+        return None
+    return list(record) if isinstance(record, dict) else None
+
+
+def load_raw(cfg: DataConfig, split: str) -> datasets.Dataset:
+    """Rows of one split ("train" or "eval") with an `example_id` column, columns checked."""
+    check_sources(cfg)
+    path = cfg.train_file if split == "train" else cfg.eval_file
+    if path is not None:
+        builder, kwargs = _BUILDERS[Path(path).suffix]
+        raw = datasets.load_dataset(builder, data_files={"data": str(path)}, split="data", **kwargs)
+        where = f"data file {path}"
+    elif cfg.dataset is not None:
+        hub_split = cfg.train_split if split == "train" else cfg.eval_split
+        raw = datasets.load_dataset(cfg.dataset, cfg.subset, split=hub_split)
+        where = f"dataset {cfg.dataset}/{cfg.subset or ''} split {hub_split}"
+    else:
+        raise DataError(f"data: no {split} data; set data.{split}_file or data.dataset")
+    raw = raw.rename_columns({k: v for k, v in (cfg.rename_columns or {}).items()
+                              if k in raw.column_names})
+    _check_columns(raw.column_names, cfg, where)
+    # The id is the row's position in its source: stable across runs, processes and machines.
+    raw = raw.add_column("example_id", list(range(len(raw))))
+    limit = cfg.max_train_examples if split == "train" else cfg.max_eval_examples
+    return raw.select(range(min(limit, len(raw)))) if limit else raw
+
+
+def _check_columns(columns: list[str], cfg: DataConfig, where: str) -> None:
+    for key in ("text_column", "text_pair_column", "label_column"):
+        column = getattr(cfg, key)
+        if column is not None and column not in columns:
+            raise DataError(f"data.{key}: column {column!r} is not in {where}; "
+                            f"its columns are {columns}")
+
+
+def label_names_of(raw: datasets.Dataset, cfg: DataConfig) -> list[str]:
+    """Class names: from a ClassLabel feature, else the sorted distinct values."""
+    feature = raw.features[cfg.label_column]
+    if isinstance(feature, datasets.ClassLabel):
+        return list(feature.names)
+    values = sorted(set(raw[cfg.label_column]))
+    if all(isinstance(v, int) for v in values):
+        if values[0] < 0:
+            raise DataError(f"data.label_column: labels must be >= 0, found {values[0]}")
+        return [str(i) for i in range(values[-1] + 1)]
+    return [str(v) for v in values]
+
+
+def prepare(cfg: DataConfig, tokenizer, split: str,
+            label_names: list[str] | None = None) -> TaskData:
+    """Load, tokenize and fingerprint one split. Pass the training split's `label_names` when
+    preparing the eval split, so string labels map to the same ids."""
+    raw = load_raw(cfg, split)
+    label_names = label_names or label_names_of(raw, cfg)
+    label_ids = {name: i for i, name in enumerate(label_names)}
+    is_class_label = isinstance(raw.features[cfg.label_column], datasets.ClassLabel)
+
+    def tokenize(batch: dict) -> dict:
+        pairs = batch[cfg.text_pair_column] if cfg.text_pair_column else None
+        encoded = tokenizer(batch[cfg.text_column], pairs, truncation=True,
+                            max_length=cfg.max_length)
+        labels = batch[cfg.label_column]
+        encoded["labels"] = labels if is_class_label else [label_ids[str(v)] for v in labels]
+        return encoded
+
+    unknown = set(map(str, raw.unique(cfg.label_column))) - set(label_names)
+    if not is_class_label and unknown:
+        raise DataError(f"data.label_column: {split} labels {sorted(unknown)} are not among "
+                        f"the training labels {label_names}")
+    keep = {"example_id"}
+    tokenized = raw.map(tokenize, batched=True, desc=f"tokenizing {split}",
+                        remove_columns=[c for c in raw.column_names if c not in keep])
+    return TaskData(tokenized, label_names, fingerprint(tokenized, cfg.max_length))
+
+
+def fingerprint(dataset: datasets.Dataset, max_length: int) -> str:
+    """sha256 of the processed examples (ids, tokens, labels): what the teacher saw."""
+    digest = hashlib.sha256(f"kdscale-data-v1 max_length={max_length}".encode())
+    columns = [c for c in MODEL_COLUMNS if c in dataset.column_names and c != "attention_mask"]
+    for table in dataset.with_format("arrow").iter(batch_size=16384):
+        for name in columns:
+            column = table.column(name).combine_chunks()
+            if hasattr(column, "flatten"):  # token lists: hash their lengths and contents
+                digest.update(column.value_lengths().to_numpy(zero_copy_only=False).tobytes())
+                column = column.flatten()
+            digest.update(column.to_numpy(zero_copy_only=False).astype("int64").tobytes())
+    return digest.hexdigest()
+
+
+class LengthGroupedBatchSampler(torch.utils.data.Sampler):
+    """Batches of similar length (little padding) in a random order. Each epoch shuffles,
+    sorts within windows of `group_batches` batches by length, and shuffles the batches."""
+
+    def __init__(self, lengths: list[int], batch_size: int, *, shuffle: bool = True,
+                 seed: int = 0, group_batches: int = 50):
+        self.lengths, self.batch_size = lengths, batch_size
+        self.shuffle, self.seed, self.group_batches = shuffle, seed, group_batches
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return -(-len(self.lengths) // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        rng = random.Random(self.seed + self.epoch)
+        order = list(range(len(self.lengths)))
+        window = len(order)
+        if self.shuffle:
+            rng.shuffle(order)
+            window = self.batch_size * self.group_batches
+        batches = []
+        for start in range(0, len(order), window):
+            chunk = sorted(order[start:start + window], key=self.lengths.__getitem__, reverse=True)
+            batches += [chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        if self.shuffle:
+            rng.shuffle(batches)
+        return iter(batches)
+
+
+class PaddingCollator:
+    """Pads each batch to its own longest example (dynamic padding)."""
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
+        self.pad_token_id, self.multiple = pad_token_id, pad_to_multiple_of
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        width = max(len(e["input_ids"]) for e in examples)
+        if self.multiple:
+            width = -(-width // self.multiple) * self.multiple
+        batch = {}
+        for name, pad in (("input_ids", self.pad_token_id), ("attention_mask", 0),
+                          ("token_type_ids", 0)):
+            if name in examples[0]:
+                batch[name] = torch.tensor([e[name] + [pad] * (width - len(e[name]))
+                                            for e in examples])
+        for name in ("labels", "example_id"):
+            if name in examples[0]:
+                batch[name] = torch.tensor([e[name] for e in examples], dtype=torch.long)
+        return batch
+
+
+def make_loader(data: TaskData, batch_size: int, collate_fn, *, shuffle: bool,
+                seed: int = 0) -> torch.utils.data.DataLoader:
+    """Length-grouped batches; `collate_fn` is a `PaddingCollator` or a wrapper around one."""
+    lengths = [len(ids) for ids in data.dataset["input_ids"]]
+    sampler = LengthGroupedBatchSampler(lengths, batch_size, shuffle=shuffle, seed=seed)
+    return torch.utils.data.DataLoader(data.dataset, batch_sampler=sampler, collate_fn=collate_fn)

@@ -1,0 +1,56 @@
+"""`kdscale distill`: train a student made of the teacher's layers on the cached teacher logits."""
+
+from __future__ import annotations
+
+import torch
+
+from kdscale.cache import LogitCache
+from kdscale.cache.collator import TeacherLogitsCollator
+from kdscale.config import Config
+from kdscale.data import PaddingCollator, check_sources, make_loader, prepare
+from kdscale.losses import KDLoss
+from kdscale.models import (
+    label_names,
+    load_classifier,
+    load_tokenizer,
+    num_layers_of,
+    resolve_layers,
+    student_from_teacher,
+    tokenizer_sha256,
+    weights_sha256,
+)
+from kdscale.train import make_accelerator, model_inputs, save_model, train_loop
+
+
+def kd_step(loss: KDLoss):
+    def step(model: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+        logits = model(**model_inputs(batch)).logits
+        return loss.parts(logits, batch["teacher_logits"].float(), batch["labels"])
+    return step
+
+
+def run_distill(config: Config) -> None:
+    # Everything that can be wrong with the inputs is checked before any model is built.
+    check_sources(config.data)
+    layers = resolve_layers(config.student.layers,
+                            num_layers_of(config.teacher_dir))
+    cache = LogitCache(config.cache_dir)
+    accelerator = make_accelerator(config.distill, config.seed)
+    tokenizer = load_tokenizer(config.teacher_dir)
+    teacher = load_classifier(config.teacher_dir, "teacher")
+    with accelerator.main_process_first():
+        train = prepare(config.data, tokenizer, "train", label_names(teacher))
+    cache.check_compatible(data_fingerprint=train.fingerprint,
+                           teacher_sha256=weights_sha256(teacher),
+                           tokenizer_sha256=tokenizer_sha256(tokenizer),
+                           num_outputs=teacher.config.num_labels)
+    student = student_from_teacher(teacher, layers)
+    del teacher  # only its layers were needed; the cache stands in for its outputs
+    collate = TeacherLogitsCollator(PaddingCollator(tokenizer.pad_token_id), cache)
+    loader = make_loader(train, config.distill.batch_size, collate, shuffle=True, seed=config.seed)
+    loss = KDLoss(config.loss.temperature, config.loss.alpha)
+    accelerator.print(f"student: teacher layers {layers}, KDLoss({loss.extra_repr()})")
+    student, history = train_loop(student, loader, kd_step(loss), config.distill, accelerator,
+                                  desc="distill student")
+    save_model(accelerator, student, tokenizer, config.student_dir, history)
+    accelerator.print(f"student saved to {config.student_dir}")

@@ -1,0 +1,82 @@
+"""`kdscale eval`: accuracy (and F1 for two classes), parameters and latency of the teacher and
+the student on the eval split, and the report comparing them."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from kdscale.config import Config
+from kdscale.data import PaddingCollator, check_sources, make_loader, prepare
+from kdscale.models import count_parameters, label_names, load_classifier, load_tokenizer
+from kdscale.report import build_report, print_table, write_report
+from kdscale.train import model_inputs
+
+
+@torch.inference_mode()
+def predict(model: torch.nn.Module, loader) -> tuple[torch.Tensor, torch.Tensor]:
+    model.eval()
+    preds, labels = [], []
+    for batch in loader:
+        preds.append(model(**model_inputs(batch)).logits.argmax(-1))
+        labels.append(batch["labels"])
+    return torch.cat(preds), torch.cat(labels)
+
+
+def classification_metrics(preds: torch.Tensor, labels: torch.Tensor, num_labels: int) -> dict:
+    metrics = {"accuracy": (preds == labels).float().mean().item(), "examples": len(labels)}
+    if num_labels == 2:  # F1 of the positive class (label 1), as GLUE reports it
+        tp = ((preds == 1) & (labels == 1)).sum().item()
+        predicted, actual = (preds == 1).sum().item(), (labels == 1).sum().item()
+        metrics["f1"] = 2 * tp / (predicted + actual) if predicted + actual else 0.0
+    return metrics
+
+
+@torch.inference_mode()
+def latency_ms(model: torch.nn.Module, batch: dict, repeats: int, warmup: int = 3) -> float:
+    """Median wall time of one forward pass over `batch`, in milliseconds."""
+    model.eval()
+    inputs = model_inputs(batch)
+    times = []
+    for i in range(warmup + repeats):
+        start = time.perf_counter()
+        model(**inputs)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def evaluate_model(model: torch.nn.Module, loader, latency_batch: dict, repeats: int) -> dict:
+    preds, labels = predict(model, loader)
+    metrics = classification_metrics(preds, labels, model.config.num_labels)
+    metrics["params"] = count_parameters(model)
+    metrics["layers"] = model.config.num_hidden_layers
+    metrics["latency_ms"] = latency_ms(model, latency_batch, repeats)
+    return metrics
+
+
+def median_length_batch(loader) -> dict:
+    """A batch of typical length for timing (the eval loader's batches are length-sorted)."""
+    batches = list(loader)
+    return batches[len(batches) // 2]
+
+
+def run_eval(config: Config) -> dict:
+    check_sources(config.data)
+    tokenizer = load_tokenizer(config.teacher_dir)
+    teacher = load_classifier(config.teacher_dir, "teacher")
+    student = load_classifier(config.student_dir, "student")
+    eval_data = prepare(config.data, tokenizer, "eval", label_names(teacher))
+    collate = PaddingCollator(tokenizer.pad_token_id)
+    loader = make_loader(eval_data, config.eval.batch_size, collate, shuffle=False)
+    timing_batch = median_length_batch(loader)
+    results = {name: evaluate_model(model, loader, timing_batch, config.eval.latency_batches)
+               for name, model in (("teacher", teacher), ("student", student))}
+    report = build_report(config, results)
+    print_table(report)
+    write_report(report, config.output_dir)
+    return report

@@ -1,0 +1,45 @@
+"""`kdscale finetune`: fine-tune the teacher on the task with cross-entropy (the seed's step 1)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from kdscale.config import Config, ConfigError
+from kdscale.data import PaddingCollator, check_sources, make_loader, prepare
+from kdscale.models import load_teacher, load_tokenizer, num_layers_of, resolve_layers
+from kdscale.train import make_accelerator, model_inputs, save_model, train_loop
+
+
+def cross_entropy_step(model: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+    logits = model(**model_inputs(batch)).logits
+    return {"loss": torch.nn.functional.cross_entropy(logits.float(), batch["labels"])}
+
+
+def check_teacher_inputs(config: Config) -> None:
+    """Settings that would only fail later (at distill time) are caught before fine-tuning."""
+    source = config.teacher.tokenizer or config.teacher.model
+    if source is None:
+        raise ConfigError("teacher.tokenizer: expected a tokenizer name or directory when the "
+                          "teacher is built from teacher.config")
+    if config.teacher.model and Path(config.teacher.model).is_dir():
+        resolve_layers(config.student.layers, num_layers_of(config.teacher.model, "teacher.model"))
+
+
+def run_finetune(config: Config) -> None:
+    check_sources(config.data)
+    check_teacher_inputs(config)
+    accelerator = make_accelerator(config.finetune, config.seed)
+    tokenizer = load_tokenizer(config.teacher.tokenizer or config.teacher.model)
+    with accelerator.main_process_first():  # one process tokenizes, the rest read its cache
+        train = prepare(config.data, tokenizer, "train")
+    teacher = load_teacher(config.teacher, train.num_labels)
+    teacher.config.id2label = dict(enumerate(train.label_names))
+    teacher.config.label2id = {name: i for i, name in enumerate(train.label_names)}
+    loader = make_loader(train, config.finetune.batch_size, PaddingCollator(tokenizer.pad_token_id),
+                         shuffle=True, seed=config.seed)
+    teacher, history = train_loop(teacher, loader, cross_entropy_step, config.finetune,
+                                  accelerator, desc="finetune teacher")
+    save_model(accelerator, teacher, tokenizer, config.teacher_dir, history)
+    accelerator.print(f"teacher saved to {config.teacher_dir}")

@@ -1,0 +1,138 @@
+"""Teachers and students: loading from a hub name, a local directory or an inline config, and
+building a smaller student from a teacher's own layers (the BERT recipe)."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import re
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    PreTrainedModel,
+)
+
+from kdscale.config import ConfigError, TeacherConfig
+
+# Transformer blocks in BERT-family state dicts: bert/roberta/electra use `encoder.layer.N.`,
+# DistilBERT `transformer.layer.N.`.
+_LAYER_KEY = re.compile(r"^(.*?(?:encoder|transformer)\.layer\.)(\d+)(\..*)$")
+
+
+def resolve_layers(spec: list[int] | str, num_teacher_layers: int) -> list[int]:
+    """Turn `student.layers` into explicit teacher layer indices, checked against the teacher."""
+    n = num_teacher_layers
+    if isinstance(spec, list):
+        layers = list(spec)
+    elif spec == "every_other":
+        layers = list(range(0, n, 2))
+    elif re.fullmatch(r"(first|uniform):\d+", spec):
+        kind, k = spec.split(":")
+        k = int(k)
+        if not 0 < k <= n:
+            raise ConfigError(f"student.layers: {spec!r} asks for {k} layers; the teacher has {n}")
+        layers = list(range(k)) if kind == "first" else _evenly_spaced(k, n)
+    else:
+        raise ConfigError(
+            f"student.layers: expected a list of layer indices, 'first:K', 'uniform:K' or "
+            f"'every_other', got {spec!r}")
+    bad = [i for i in layers if not 0 <= i < n]
+    if bad or not layers:
+        raise ConfigError(f"student.layers: layer indices {bad or layers} are not in the "
+                          f"teacher, which has layers 0..{n - 1}")
+    if sorted(set(layers)) != layers:
+        raise ConfigError(f"student.layers: expected increasing, distinct indices, got {layers}")
+    return layers
+
+
+def _evenly_spaced(k: int, n: int) -> list[int]:
+    if k == 1:
+        return [n - 1]
+    return [round(i * (n - 1) / (k - 1)) for i in range(k)]
+
+
+def load_teacher(cfg: TeacherConfig, num_labels: int) -> PreTrainedModel:
+    """A teacher to fine-tune: pretrained weights (hub name or local dir) or built from a config."""
+    if cfg.config is not None:
+        config = BertConfig(**cfg.config, num_labels=num_labels)
+        return AutoModelForSequenceClassification.from_config(config)
+    if cfg.model is None:
+        raise ConfigError("teacher: set teacher.model (hub name or local directory) or "
+                          "teacher.config (inline model config)")
+    return AutoModelForSequenceClassification.from_pretrained(cfg.model, num_labels=num_labels)
+
+
+def load_classifier(directory: str | Path, what: str = "model") -> PreTrainedModel:
+    """A fine-tuned sequence classifier saved by kdscale (or any `save_pretrained` directory)."""
+    _require_checkpoint(Path(directory), what)
+    return AutoModelForSequenceClassification.from_pretrained(directory)
+
+
+def _require_checkpoint(directory: Path, what: str) -> None:
+    if not (directory / "config.json").is_file():
+        hint = ("; run `kdscale finetune` first or set teacher.checkpoint"
+                if what == "teacher" else "")
+        raise FileNotFoundError(f"{what} checkpoint {directory} has no config.json (expected a "
+                                f"directory written by save_pretrained){hint}")
+
+
+def label_names(model: PreTrainedModel) -> list[str]:
+    """Class names in label-id order, as fine-tuning stored them in the model's config."""
+    return [str(model.config.id2label[i]) for i in range(model.config.num_labels)]
+
+
+def load_tokenizer(name_or_dir: str | Path):
+    return AutoTokenizer.from_pretrained(str(name_or_dir))
+
+
+def num_layers_of(checkpoint: str | Path, what: str = "teacher") -> int:
+    """How many transformer layers a saved model has, read from its config alone (cheap)."""
+    _require_checkpoint(Path(checkpoint), what)
+    config = AutoConfig.from_pretrained(str(checkpoint))
+    return getattr(config, "num_hidden_layers", None) or config.n_layers
+
+
+def student_from_teacher(teacher: PreTrainedModel, layers: list[int] | str) -> PreTrainedModel:
+    """A student of the teacher's class with the teacher's embeddings, head and the chosen
+    layers, copied weight for weight; student layer i is teacher layer layers[i]."""
+    layers = resolve_layers(layers, teacher.config.num_hidden_layers)
+    config = copy.deepcopy(teacher.config)
+    config.num_hidden_layers = len(layers)
+    student = type(teacher)(config)
+    student_index = {t: s for s, t in enumerate(layers)}
+    state = {}
+    for key, tensor in teacher.state_dict().items():
+        match = _LAYER_KEY.match(key)
+        if match is None:
+            state[key] = tensor.clone()
+        elif int(match[2]) in student_index:
+            state[f"{match[1]}{student_index[int(match[2])]}{match[3]}"] = tensor.clone()
+    student.load_state_dict(state, strict=True)
+    return student
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """Identity of a model's weights: names, shapes, dtypes and bytes of its state dict."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def tokenizer_sha256(tokenizer) -> str:
+    """Identity of a tokenizer: its vocabulary and the settings that change token ids."""
+    digest = hashlib.sha256()
+    for token, index in sorted(tokenizer.get_vocab().items(), key=lambda item: item[1]):
+        digest.update(f"{index}\t{token}\n".encode())
+    digest.update(f"lower={getattr(tokenizer, 'do_lower_case', None)}".encode())
+    return digest.hexdigest()

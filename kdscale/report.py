@@ -1,0 +1,117 @@
+"""The teacher-vs-student report: a table on the terminal, report.json, report.md and a plot."""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+
+import torch
+
+from kdscale.config import Config, to_dict
+
+COLUMNS = [("accuracy", "accuracy", "{:.4f}"), ("f1", "F1", "{:.4f}"),
+           ("params", "parameters", "{:,}"), ("layers", "layers", "{}"),
+           ("latency_ms", "latency/batch (ms)", "{:.2f}")]
+
+
+def read_history(model_dir: Path) -> list[dict]:
+    path = model_dir / "training_log.json"
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    cpuinfo = Path("/proc/cpuinfo")  # Linux names the CPU model here; platform does not
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def build_report(config: Config, results: dict[str, dict]) -> dict:
+    teacher, student = results["teacher"], results["student"]
+    return {
+        "teacher": teacher,
+        "student": student,
+        "retention": student["accuracy"] / teacher["accuracy"] if teacher["accuracy"] else 0.0,
+        "speedup": teacher["latency_ms"] / student["latency_ms"],
+        "compression": teacher["params"] / student["params"],
+        "device": device_name(),
+        "torch_threads": torch.get_num_threads(),
+        "history": {"teacher": read_history(config.teacher_dir),
+                    "student": read_history(config.student_dir)},
+        "config": to_dict(config),
+    }
+
+
+def table_rows(report: dict) -> list[list[str]]:
+    rows = [["model"] + [title for _, title, _ in COLUMNS]]
+    for name in ("teacher", "student"):
+        metrics = report[name]
+        rows.append([name] + [fmt.format(metrics[key]) if key in metrics else "-"
+                              for key, _, fmt in COLUMNS])
+    return rows
+
+
+def summary_line(report: dict) -> str:
+    return (f"retention {report['retention']:.1%} of the teacher's accuracy with "
+            f"{report['compression']:.1f}x fewer parameters, {report['speedup']:.1f}x faster")
+
+
+def print_table(report: dict) -> None:
+    rows = table_rows(report)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)))
+    print(summary_line(report))
+
+
+def markdown(report: dict) -> str:
+    rows = table_rows(report)
+    lines = ["# kdscale report", "", "| " + " | ".join(rows[0]) + " |",
+             "|" + "---|" * len(rows[0])]
+    lines += ["| " + " | ".join(row) + " |" for row in rows[1:]]
+    batch = report["config"]["eval"]["batch_size"]
+    lines += ["", summary_line(report) + ".", "",
+              f"Latency: median forward time of one eval batch of {batch} on "
+              f"{report['device']} ({report['torch_threads']} threads).", "",
+              "![training curves and accuracy](report.png)", ""]
+    return "\n".join(lines)
+
+
+def write_report(report: dict, output_dir: str | Path) -> None:
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "report.json").write_text(json.dumps(report, indent=1))
+    (output_dir / "report.md").write_text(markdown(report))
+    plot(report, output_dir / "report.png")
+    print(f"report written to {output_dir}/report.{{json,md,png}}")
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    fig, (curves, bars) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, style in (("teacher", "-"), ("student", "--")):
+        history = report["history"][name]
+        if history:
+            curves.plot([h["step"] for h in history], [h["loss"] for h in history], style,
+                        label=f"{name} ({'fine-tune, CE' if name == 'teacher' else 'distill, KD'})")
+    curves.set(xlabel="optimizer step", ylabel="training loss", title="Training curves")
+    curves.legend()
+    names = ["teacher", "student"]
+    accuracies = [report[n]["accuracy"] for n in names]
+    bars.bar(names, accuracies, color=["#4c72b0", "#dd8452"])
+    for i, acc in enumerate(accuracies):
+        bars.text(i, acc, f"{acc:.3f}", ha="center", va="bottom")
+    bars.set(ylim=(0, 1.05), ylabel="eval accuracy",
+             title=f"Accuracy (retention {report['retention']:.1%})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,173 @@
+"""The pure-PyTorch distillation loss: the definition every other path is tested against,
+and the path used off CUDA.
+
+Rows r = 1..N are the leading dims flattened; V outputs per row. Row r is valid when
+``labels[r] != ignore_index`` (every row is valid when no labels are given; then the hard
+term is off and alpha must be 1). With temperature T::
+
+    p_t     = softmax(z_t / T)
+    log q_T = log_softmax(z_s / T)
+    log q   = log_softmax(z_s)
+    KL_r    = sum_v p_t[v] * (log p_t[v] - log q_T[v])        (0 * log 0 = 0)
+    CE_r    = -log q[y_r]
+    loss    = (1 / N_valid) * sum_{valid r} (alpha * T^2 * KL_r + (1 - alpha) * CE_r)
+
+``reduction="sum"`` drops the 1 / N_valid; ``"none"`` returns the per-row values shaped like
+the leading dims, 0 for invalid rows. With no valid row the loss and its gradient are 0.
+
+Top-k teacher (``values[N, k]``, ``indices[N, k]``, padding slots have index -1): p_t is
+``softmax(values / T)`` over the non-padding slots, log q_T is gathered at ``indices``, and
+KL_r sums over the k slots. A row whose slots are all padding has KL_r = 0.
+
+Everything is computed in fp32 whatever the input dtype, and the loss is fp32. The teacher is
+detached: the gradient flows to the student logits only.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def kd_loss_reference(
+    student_logits,
+    teacher_logits=None,
+    labels=None,
+    *,
+    teacher_topk_values=None,
+    teacher_topk_indices=None,
+    temperature=1.0,
+    alpha=0.5,
+    ignore_index=-100,
+    reduction="mean",
+):
+    """Distillation loss of ``student_logits`` (..., V) against a dense or top-k teacher."""
+    _check_args(student_logits, teacher_logits, labels, teacher_topk_values,
+                teacher_topk_indices, temperature, alpha, reduction)
+    lead_shape, vocab = student_logits.shape[:-1], student_logits.shape[-1]
+    z_s = student_logits.reshape(-1, vocab).float()  # (N, V)
+    valid = _valid_rows(z_s, labels, ignore_index)  # (N,) bool
+    # Zero the logits of ignored rows (the teacher's too) so that inf/NaN there cannot reach
+    # the loss or any gradient: a where() on the per-row loss alone back-propagates 0 * NaN.
+    z_s = torch.where(valid[:, None], z_s, 0.0)
+    row_loss = z_s.new_zeros(z_s.shape[0])  # (N,)
+    if alpha > 0:
+        kl = _kl_rows(z_s, teacher_logits, teacher_topk_values, teacher_topk_indices,
+                      valid, temperature)
+        row_loss = row_loss + (alpha * temperature**2) * kl
+    if alpha < 1:
+        row_loss = row_loss + (1 - alpha) * _ce_rows(z_s, labels, valid)
+    row_loss = torch.where(valid, row_loss, 0.0)
+    return _reduce(row_loss, valid, lead_shape, reduction)
+
+
+def _valid_rows(z_s, labels, ignore_index):
+    if labels is None:
+        return torch.ones(z_s.shape[0], dtype=torch.bool, device=z_s.device)
+    return labels.reshape(-1).to(z_s.device) != ignore_index
+
+
+def _kl_rows(z_s, teacher_logits, topk_values, topk_indices, valid, temperature):
+    """KL_r = sum p_t * (log p_t - log q_T) over the vocabulary or the top-k slots; (N,)."""
+    log_q_t = F.log_softmax(z_s / temperature, dim=-1)  # (N, V)
+    if teacher_logits is not None:
+        log_p_t, p_t = _dense_teacher(teacher_logits, valid, temperature, z_s.shape)
+    else:
+        log_p_t, p_t, slots = _topk_teacher(topk_values, topk_indices, valid, temperature)
+        log_q_t = log_q_t.gather(1, slots)  # (N, k)
+    # 0 * log 0 = 0; where() also keeps the gradient of slots with p_t = 0 at exactly 0.
+    terms = torch.where(p_t > 0, p_t * (log_p_t - log_q_t), 0.0)
+    return terms.sum(dim=-1)
+
+
+def _dense_teacher(teacher_logits, valid, temperature, shape):
+    """log p_t and p_t over the full vocabulary; (N, V) each."""
+    z_t = teacher_logits.detach().reshape(shape).float()  # (N, V)
+    z_t = torch.where(valid[:, None], z_t, 0.0)
+    log_p_t = F.log_softmax(z_t / temperature, dim=-1)  # (N, V)
+    return log_p_t, log_p_t.exp()
+
+
+def _topk_teacher(values, indices, valid, temperature):
+    """log p_t and p_t over the k slots (0 at padding), and the slots to gather; (N, k) each."""
+    k = values.shape[-1]
+    indices = indices.reshape(-1, k).long()  # (N, k)
+    pad = indices < 0
+    z_t = values.detach().reshape(-1, k).float()  # (N, k)
+    z_t = torch.where(valid[:, None], z_t, 0.0)
+    z_t = torch.where(pad, float("-inf"), z_t)
+    log_p_t = F.log_softmax(z_t / temperature, dim=-1)  # (N, k), NaN on all-padding rows
+    p_t = torch.where(pad, 0.0, log_p_t.exp())
+    log_p_t = torch.where(pad, 0.0, log_p_t)
+    return log_p_t, p_t, indices.clamp(min=0)
+
+
+def _ce_rows(z_s, labels, valid):
+    """CE_r = -log q[y_r], 0 for ignored rows; (N,)."""
+    y = torch.where(valid, labels.reshape(-1).to(z_s.device).long(), 0)  # (N,)
+    log_q = F.log_softmax(z_s, dim=-1)  # (N, V)
+    return -log_q.gather(1, y[:, None]).squeeze(1)
+
+
+def _reduce(row_loss, valid, lead_shape, reduction):
+    if reduction == "none":
+        return row_loss.reshape(lead_shape)
+    if reduction == "sum":
+        return row_loss.sum()
+    # A tensor count, not a Python int: the mean needs no host sync.
+    return row_loss.sum() / valid.sum().clamp(min=1)
+
+
+def _check_args(student, teacher, labels, topk_values, topk_indices, temperature, alpha,
+                reduction):
+    if (teacher is None) == (topk_values is None and topk_indices is None):
+        raise ValueError("give exactly one teacher: teacher_logits, or "
+                         "teacher_topk_values with teacher_topk_indices")
+    if student.dim() < 1:
+        raise ValueError("student_logits must have at least one dim (..., V), got a scalar")
+    lead_shape = tuple(student.shape[:-1])
+    if teacher is not None and teacher.shape != student.shape:
+        raise ValueError(f"teacher_logits shape {tuple(teacher.shape)} does not match "
+                         f"student_logits shape {tuple(student.shape)}")
+    if teacher is None:
+        _check_topk(topk_values, topk_indices, lead_shape)
+    if labels is not None:
+        _check_labels(labels, lead_shape)
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if labels is None and alpha != 1:
+        raise ValueError(f"without labels there is no hard term, so alpha must be 1, got {alpha}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+
+
+def _rows_match(shape, lead_shape):
+    """Rows given with the student's leading dims, or already flattened to (N,)."""
+    return tuple(shape) in (lead_shape, (math.prod(lead_shape),))
+
+
+def _check_labels(labels, lead_shape):
+    if not _rows_match(labels.shape, lead_shape):
+        raise ValueError(f"labels shape {tuple(labels.shape)} does not match the rows of "
+                         f"student_logits: expected {lead_shape} or ({math.prod(lead_shape)},)")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
+
+
+def _check_topk(values, indices, lead_shape):
+    if values is None or indices is None:
+        raise ValueError("a top-k teacher needs both teacher_topk_values and "
+                         "teacher_topk_indices")
+    if values.shape != indices.shape:
+        raise ValueError(f"teacher_topk_values shape {tuple(values.shape)} does not match "
+                         f"teacher_topk_indices shape {tuple(indices.shape)}")
+    if values.dim() < 1 or not _rows_match(values.shape[:-1], lead_shape):
+        raise ValueError(f"teacher_topk_values shape {tuple(values.shape)} does not match the "
+                         f"rows of student_logits: expected {lead_shape + ('k',)} "
+                         f"or ({math.prod(lead_shape)}, k)")
+    if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
+        raise ValueError(f"teacher_topk_indices must be an integer tensor, got {indices.dtype}")
