@@ -151,13 +151,21 @@ def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
         if "=" in arg:
             key, text = arg[2:].split("=", 1)
             i += 1
-        elif i + 1 < len(args):
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
             key, text = arg[2:], args[i + 1]
             i += 2
         else:
             raise ConfigError(f"override {arg} has no value")
-        pairs.append((key, yaml.safe_load(text)))
+        pairs.append((key, _parse_value(key, text)))
     return pairs
+
+
+def _parse_value(key: str, text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise ConfigError(f"override --{key}: {text!r} is not a valid value "
+                          f"(numbers, strings, [lists] and null are)") from None
 
 
 def set_dotted(raw: dict, key: str, value: Any) -> None:
@@ -176,7 +184,10 @@ def config_from_dict(raw: dict) -> Config:
     return config
 
 
-def _build(cls: type, raw: Any, prefix: str) -> Any:
+def _build(cls: type, raw: Any, prefix: str, base: Any = None) -> Any:
+    """`base` (default: `cls()`) with the keys of `raw` replaced; a nested section starts
+    from its parent's default, so `distill:` keeps distill's own defaults."""
+    base = cls() if base is None else base
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
@@ -189,10 +200,10 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
             raise ConfigError(f"unknown key {prefix}{key}{suggestion}; expected one of {names}")
         kind = hints[key]
         if dataclasses.is_dataclass(kind):
-            values[key] = _build(kind, value, f"{prefix}{key}.")
+            values[key] = _build(kind, value, f"{prefix}{key}.", getattr(base, key))
         else:
             values[key] = _coerce(value, kind, f"{prefix}{key}")
-    return cls(**values)
+    return dataclasses.replace(base, **values)
 
 
 def _coerce(value: Any, kind: Any, key: str) -> Any:
@@ -205,6 +216,8 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
             except ConfigError:
                 continue
     elif origin is Literal:
+        if value is False and "no" in args:  # YAML 1.1 reads a bare `no` as false
+            return "no"
         if value in args:
             return value
     elif origin is list:
@@ -261,11 +274,16 @@ def validate(config: Config) -> None:
            "either teacher.model or teacher.config, not both", "both")
     _check(not (config.data.dataset and config.data.train_file), "data",
            "either data.dataset or data.train_file, not both", "both")
-    layers_in_teacher = (config.teacher.config or {}).get("num_hidden_layers")
-    if layers_in_teacher is not None:
-        from kdscale.models import resolve_layers  # models imports transformers: keep it lazy
+    _validate_models(config)
 
-        resolve_layers(config.student.layers, layers_in_teacher)
+
+def _validate_models(config: Config) -> None:
+    from kdscale.models import check_layer_spec, resolve_layers, teacher_config_from_dict
+
+    check_layer_spec(config.student.layers)
+    if config.teacher.config is not None:
+        teacher = teacher_config_from_dict(config.teacher.config, num_labels=2)
+        resolve_layers(config.student.layers, teacher.num_hidden_layers)
 
 
 def _validate_train(train: TrainConfig, section: str) -> None:

@@ -69,7 +69,7 @@ def _peek_columns(path: Path) -> list[str] | None:
         import pyarrow.parquet
 
         return pyarrow.parquet.read_schema(path).names
-    with path.open(encoding="utf-8", errors="replace") as f:
+    with path.open(encoding="utf-8-sig", errors="replace") as f:  # -sig: Excel's BOM
         first = f.readline().rstrip("\r\n")
     if path.suffix in (".csv", ".tsv"):
         return [c.strip().strip('"') for c in first.split("\t" if path.suffix == ".tsv" else ",")]
@@ -97,6 +97,8 @@ def load_raw(cfg: DataConfig, split: str) -> datasets.Dataset:
     raw = raw.rename_columns({k: v for k, v in (cfg.rename_columns or {}).items()
                               if k in raw.column_names})
     _check_columns(raw.column_names, cfg, where)
+    if len(raw) == 0:
+        raise DataError(f"{where} has no rows")
     # The id is the row's position in its source: stable across runs, processes and machines.
     raw = raw.add_column("example_id", list(range(len(raw))))
     limit = cfg.max_train_examples if split == "train" else cfg.max_eval_examples
@@ -182,9 +184,9 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler):
         return -(-len(self.lengths) // self.batch_size)
 
     def __iter__(self) -> Iterator[list[int]]:
-        rng = random.Random(self.seed + self.epoch)
+        rng = random.Random(f"{self.seed}/{self.epoch}")  # seed 0 epoch 1 != seed 1 epoch 0
         order = list(range(len(self.lengths)))
-        window = len(order)
+        window = max(len(order), 1)
         if self.shuffle:
             rng.shuffle(order)
             window = self.batch_size * self.group_batches

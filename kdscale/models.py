@@ -4,7 +4,9 @@ building a smaller student from a teacher's own layers (the BERT recipe)."""
 from __future__ import annotations
 
 import copy
+import difflib
 import hashlib
+import json
 import re
 from pathlib import Path
 
@@ -24,23 +26,28 @@ from kdscale.config import ConfigError, TeacherConfig
 _LAYER_KEY = re.compile(r"^(.*?(?:encoder|transformer)\.layer\.)(\d+)(\..*)$")
 
 
+def check_layer_spec(spec: list[int] | str) -> None:
+    """The form of `student.layers`, checkable before the teacher is known."""
+    if isinstance(spec, str) and not re.fullmatch(r"every_other|(first|uniform):\d+", spec):
+        raise ConfigError(
+            f"student.layers: expected a list of layer indices, 'first:K', 'uniform:K' or "
+            f"'every_other', got {spec!r}")
+
+
 def resolve_layers(spec: list[int] | str, num_teacher_layers: int) -> list[int]:
     """Turn `student.layers` into explicit teacher layer indices, checked against the teacher."""
+    check_layer_spec(spec)
     n = num_teacher_layers
     if isinstance(spec, list):
         layers = list(spec)
     elif spec == "every_other":
         layers = list(range(0, n, 2))
-    elif re.fullmatch(r"(first|uniform):\d+", spec):
+    else:
         kind, k = spec.split(":")
         k = int(k)
         if not 0 < k <= n:
             raise ConfigError(f"student.layers: {spec!r} asks for {k} layers; the teacher has {n}")
         layers = list(range(k)) if kind == "first" else _evenly_spaced(k, n)
-    else:
-        raise ConfigError(
-            f"student.layers: expected a list of layer indices, 'first:K', 'uniform:K' or "
-            f"'every_other', got {spec!r}")
     bad = [i for i in layers if not 0 <= i < n]
     if bad or not layers:
         raise ConfigError(f"student.layers: layer indices {bad or layers} are not in the "
@@ -56,10 +63,26 @@ def _evenly_spaced(k: int, n: int) -> list[int]:
     return [round(i * (n - 1) / (k - 1)) for i in range(k)]
 
 
+def teacher_config_from_dict(fields: dict, num_labels: int) -> BertConfig:
+    """An inline `teacher.config`, every key checked: BertConfig stores unknown keys silently,
+    so a typo like num_hiden_layers would give a 12-layer teacher without a word."""
+    known = set(BertConfig().to_dict())
+    for key in fields:
+        if key == "num_labels":
+            raise ConfigError("teacher.config.num_labels: not a setting; the number of "
+                              "classes comes from the data's label column")
+        if key not in known:
+            hint = difflib.get_close_matches(key, sorted(known), n=1)
+            suggestion = f" (did you mean teacher.config.{hint[0]}?)" if hint else ""
+            raise ConfigError(f"unknown key teacher.config.{key}{suggestion}; expected a "
+                              f"BertConfig field")
+    return BertConfig(**fields, num_labels=num_labels)
+
+
 def load_teacher(cfg: TeacherConfig, num_labels: int) -> PreTrainedModel:
     """A teacher to fine-tune: pretrained weights (hub name or local dir) or built from a config."""
     if cfg.config is not None:
-        config = BertConfig(**cfg.config, num_labels=num_labels)
+        config = teacher_config_from_dict(cfg.config, num_labels)
         return AutoModelForSequenceClassification.from_config(config)
     if cfg.model is None:
         raise ConfigError("teacher: set teacher.model (hub name or local directory) or "
@@ -134,5 +157,12 @@ def tokenizer_sha256(tokenizer) -> str:
     digest = hashlib.sha256()
     for token, index in sorted(tokenizer.get_vocab().items(), key=lambda item: item[1]):
         digest.update(f"{index}\t{token}\n".encode())
-    digest.update(f"lower={getattr(tokenizer, 'do_lower_case', None)}".encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:  # fast tokenizers: normalizer, pre- and post-processing too
+        state = json.loads(backend.to_str())
+        # Truncation and padding are per-call settings the tokenizer remembers; not identity.
+        state.pop("truncation", None), state.pop("padding", None)
+        digest.update(json.dumps(state, sort_keys=True).encode())
+    else:
+        digest.update(f"lower={getattr(tokenizer, 'do_lower_case', None)}".encode())
     return digest.hexdigest()

@@ -1,0 +1,38 @@
+"""Shared fixtures: an offline word-level tokenizer and a tiny random BERT teacher.
+
+Nothing is downloaded: the hub is switched off, and `datasets` caches into a temporary
+directory rather than the user's home (both set here, before `datasets` is first imported).
+"""
+
+import atexit
+import os
+import shutil
+import tempfile
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+_DATASETS_CACHE = tempfile.mkdtemp(prefix="kdscale-tests-datasets-")
+os.environ["HF_DATASETS_CACHE"] = _DATASETS_CACHE  # never the user's own cache
+atexit.register(shutil.rmtree, _DATASETS_CACHE, ignore_errors=True)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
+
+from kdscale.demo import build_demo_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return build_demo_tokenizer()
+
+
+@pytest.fixture
+def teacher(tokenizer):
+    """A 4-layer BERT classifier with seeded random weights, in eval mode (no dropout)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = BertForSequenceClassification(BertConfig(
+            vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+            intermediate_size=64, max_position_embeddings=64, num_labels=2))
+    return model.eval()
