@@ -140,12 +140,16 @@ def run_demo(output_dir: str, overrides: list[str] | None = None) -> dict:
     from kdscale.evaluation import run_eval
     from kdscale.finetune import run_finetune
     from kdscale.teacher import run_cache
+    from kdscale.train import process_state
 
     extra = {"cache": {"overwrite": True}}  # the demo owns its output directory
     for key, value in parse_overrides(overrides or []):
         set_dotted(extra, key, value)
     config = demo_config(output_dir, extra)
-    prepare_demo_files(config)
+    state = process_state()
+    if state.is_main_process:  # one writer for the shared files; the others wait for them
+        prepare_demo_files(config)
+    state.wait_for_everyone()
     for stage in (run_finetune, run_cache, run_distill):
         stage(config)
     return run_eval(config)

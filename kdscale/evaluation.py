@@ -12,7 +12,7 @@ from kdscale.config import Config
 from kdscale.data import PaddingCollator, check_sources, make_loader, prepare
 from kdscale.models import count_parameters, label_names, load_classifier, load_tokenizer
 from kdscale.report import build_report, print_table, write_report
-from kdscale.train import model_inputs
+from kdscale.train import model_inputs, process_state
 
 
 @torch.inference_mode()
@@ -65,8 +65,16 @@ def median_length_batch(loader) -> dict:
     return batches[len(batches) // 2]
 
 
-def run_eval(config: Config) -> dict:
+def run_eval(config: Config) -> dict | None:
+    """Evaluate on the main process (the eval split is small); returns the report there."""
     check_sources(config.data)
+    state = process_state()
+    report = evaluate_and_report(config) if state.is_main_process else None
+    state.wait_for_everyone()
+    return report
+
+
+def evaluate_and_report(config: Config) -> dict:
     tokenizer = load_tokenizer(config.teacher_dir)
     teacher = load_classifier(config.teacher_dir, "teacher")
     student = load_classifier(config.student_dir, "student")

@@ -4,7 +4,6 @@ logits in a LogitCache, keyed by example id."""
 from __future__ import annotations
 
 import torch
-from accelerate import PartialState
 from tqdm.auto import tqdm
 
 from kdscale.cache import CacheWriter, LogitCache, read_manifest
@@ -18,7 +17,7 @@ from kdscale.models import (
     tokenizer_sha256,
     weights_sha256,
 )
-from kdscale.train import model_inputs
+from kdscale.train import model_inputs, process_state
 
 
 def cache_is_current(config: Config, fingerprints: dict) -> bool:
@@ -44,7 +43,7 @@ def write_logits(teacher: torch.nn.Module, loader, writer: CacheWriter,
 
 def run_cache(config: Config) -> None:
     check_sources(config.data)
-    state = PartialState()
+    state = process_state()
     if state.num_processes > 1:
         # Sharding the teacher's work over ranks is the distributed cache's job; until then
         # the main process writes the whole cache and the others wait for it.

@@ -10,8 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, set_seed
+from accelerate import Accelerator, PartialState
+from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
@@ -21,13 +21,22 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 LossFn = Callable[[torch.nn.Module, dict], dict[str, torch.Tensor]]
 
 
+def process_state() -> PartialState:
+    """This process's place in the launch; the process group is created on first call.
+    Without CUDA, Accelerate must be told both `cpu=True` and gloo: otherwise several
+    launched processes each train alone (distributed type NO, no gradient all-reduce)."""
+    if torch.cuda.is_available():
+        return PartialState()
+    if launched_distributed():
+        return PartialState(cpu=True, backend="gloo")
+    return PartialState(cpu=True)
+
+
 def make_accelerator(train: TrainConfig, seed: int) -> Accelerator:
-    handlers = [] if torch.cuda.is_available() or not launched_distributed() else [
-        # CPU machines have no NCCL: Accelerate only counts processes right when told gloo.
-        InitProcessGroupKwargs(backend="gloo")]
-    accelerator = Accelerator(mixed_precision=train.mixed_precision,
-                              gradient_accumulation_steps=train.gradient_accumulation_steps,
-                              kwargs_handlers=handlers)
+    process_state()  # the Accelerator joins the process group created there
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
+                              mixed_precision=train.mixed_precision,
+                              gradient_accumulation_steps=train.gradient_accumulation_steps)
     set_seed(seed)
     return accelerator
 
@@ -76,7 +85,8 @@ def train_loop(model: torch.nn.Module, loader: torch.utils.data.DataLoader, loss
     effective_batch = (train.batch_size * accelerator.num_processes
                        * train.gradient_accumulation_steps)
     accelerator.print(f"{desc}: {total_steps} optimizer steps, {accelerator.num_processes} "
-                      f"process(es), effective batch {effective_batch}")
+                      f"process(es) ({accelerator.distributed_type.value}), "
+                      f"effective batch {effective_batch}")
     history, window, step, epoch = [], [], 0, 0
     progress = tqdm(total=total_steps, desc=desc, disable=not accelerator.is_local_main_process)
     start = time.perf_counter()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,21 @@ def kdscale(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedPr
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     return subprocess.run([sys.executable, "-m", "kdscale", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def accelerate_launch(*args, cwd: Path) -> subprocess.CompletedProcess:
+    """`accelerate launch` with 2 processes over gloo on this machine's CPU."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+               "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+               "--dynamo_backend", "no", "--main_process_port", str(free_port()), *map(str, args)]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -100,14 +116,9 @@ def test_distill_under_accelerate_launch_with_two_processes(quick_demo, tmp_path
                           cache={"dir": str(quick_demo / "cache")},
                           distill={"max_steps": None, "epochs": 1.0, "batch_size": 16,
                                    "log_every": 1})
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-         "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-         "--main_process_port", "29517", "-m", "kdscale", "distill", "--config", str(config)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    result = accelerate_launch("-m", "kdscale", "distill", "--config", config, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "2 process(es), effective batch 32" in result.stdout
+    assert "2 process(es) (MULTI_CPU), effective batch 32" in result.stdout
     history = json.loads((tmp_path / "out" / "student" / "training_log.json").read_text())
     # 256 examples / 16 per batch = 16 batches, 8 per process: 8 optimizer steps in one epoch.
     assert [h["step"] for h in history] == list(range(1, 9))
@@ -153,3 +164,16 @@ def test_full_demo_meets_its_targets(tmp_path):
     assert report["retention"] >= 0.9
     assert report["student"]["params"] < report["teacher"]["params"]
     assert "retention" in result.stdout and "teacher" in result.stdout
+
+
+def test_launched_processes_train_one_model(tmp_path):
+    """Two processes under `accelerate launch` on CPU share the data and all-reduce their
+    gradients (Accelerate falls back to independent training unless told cpu and gloo)."""
+    out = tmp_path / "sync.json"
+    result = accelerate_launch(Path(__file__).parent / "scripts" / "ddp_sync.py", str(out),
+                               cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sync = json.loads(out.read_text())
+    assert sync["distributed_type"] == "MULTI_CPU" and sync["ranks"] == 2
+    assert sync["steps"] == 2  # 16 rows, batches of 4, half of them on each rank
+    assert sync["moved"] and sync["identical"]
