@@ -109,8 +109,8 @@ def demo_config(output_dir: str, overrides: dict | None = None) -> Config:
         "data": {"train_file": str(data_dir / "train.jsonl"),
                  "eval_file": str(data_dir / "dev.jsonl"), "max_length": 64},
         "loss": {"temperature": 2.0, "alpha": 0.7},
-        "finetune": {"epochs": 6, "batch_size": 32, "learning_rate": 5e-4, "log_every": 10},
-        "distill": {"epochs": 4, "batch_size": 32, "learning_rate": 5e-4, "log_every": 10},
+        "finetune": {"epochs": 6, "batch_size": 32, "learning_rate": 5e-4, "log_every": 25},
+        "distill": {"epochs": 4, "batch_size": 32, "learning_rate": 5e-4, "log_every": 25},
         "eval": {"batch_size": 64, "latency_batches": 20},
     }
     return config_from_dict(_merge(raw, overrides or {}))
