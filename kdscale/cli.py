@@ -39,7 +39,7 @@ def run(command: str, config) -> None:
     if command == "finetune":
         from kdscale.finetune import run_finetune as run_command
     elif command == "cache":
-        from kdscale.teacher import run_cache as run_command
+        from kdscale.caching import run_cache as run_command
     elif command == "distill":
         from kdscale.distill import run_distill as run_command
     elif command == "eval":

@@ -30,6 +30,11 @@ class TeacherConfig:
     config: dict | None = None  # inline BertConfig fields: a teacher built from scratch
     tokenizer: str | None = None  # hub name or directory; default: teacher.model
     checkpoint: str | None = None  # an already fine-tuned teacher; default <output_dir>/teacher
+    # Where the teacher's weights live while it runs: a full copy per process, sharded by
+    # DeepSpeed ZeRO-3 (optionally offloaded to CPU memory), or chosen from its size.
+    placement: Literal["auto", "replicate", "zero3", "zero3_offload"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA if able
+    deepspeed_config: str | None = None  # default: the built-in configs/deepspeed/teacher_*.json
 
 
 @dataclass
@@ -59,8 +64,10 @@ class DataConfig:
 @dataclass
 class CacheConfig:
     dir: str | None = None  # default <output_dir>/cache
-    dtype: Literal["float16", "bfloat16", "float32"] = "float16"
-    shard_rows: int = 8192
+    dtype: Literal["float16", "bfloat16", "float32"] = "float16"  # storage of the raw logits
+    kind: Literal["dense", "topk"] = "dense"  # topk: the k largest logits per row (big heads)
+    k: int = 64
+    shard_rows: int = 8192  # rows per shard file: the unit of work, of resume and of reading
     batch_size: int = 64  # teacher forward batch while caching
     overwrite: bool = False  # replace a complete cache built from another teacher or data
 
@@ -266,7 +273,7 @@ def validate(config: Config) -> None:
     for key in ("max_length", "max_train_examples", "max_eval_examples"):
         value = getattr(config.data, key)
         _check(value is None or value > 0, f"data.{key}", "an integer > 0", value)
-    for key, value in (("cache.shard_rows", config.cache.shard_rows),
+    for key, value in (("cache.shard_rows", config.cache.shard_rows), ("cache.k", config.cache.k),
                        ("cache.batch_size", config.cache.batch_size),
                        ("eval.batch_size", config.eval.batch_size)):
         _check(value > 0, key, "an integer > 0", value)

@@ -43,6 +43,12 @@ class TaskData:
     def num_labels(self) -> int:
         return len(self.label_names)
 
+    def rows(self, indices: list[int]) -> list[dict]:
+        """Examples at these dataset positions, as a collator takes them (one columnar read)."""
+        columns = self.dataset[indices]
+        return [dict(zip(columns, values, strict=True))
+                for values in zip(*columns.values(), strict=True)]
+
 
 def check_sources(cfg: DataConfig) -> None:
     """Fail fast on files or settings that cannot work, before any model is loaded."""

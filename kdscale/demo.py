@@ -9,13 +9,19 @@ A few labels are flipped at random, as in real annotated data.
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
+import torch
+import yaml
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from kdscale.config import Config, config_from_dict
+from kdscale.config import Config, config_from_dict, to_dict
+from kdscale.teacher import free_port
 
 SUBJECTS = ["the movie", "this film", "the plot", "the acting", "the soundtrack", "the script",
             "the ending", "the cast", "the story", "this sequel", "the director", "the dialogue",
@@ -101,11 +107,13 @@ def demo_config(output_dir: str, overrides: dict | None = None) -> Config:
         "output_dir": output_dir,
         "teacher": {
             "tokenizer": str(data_dir / "tokenizer"),
+            "placement": "zero3",  # what a BERT-large teacher on a cluster would use
             "config": {"vocab_size": len(demo_vocabulary()), "hidden_size": 128,
                        "num_hidden_layers": 4, "num_attention_heads": 4,
                        "intermediate_size": 512, "max_position_embeddings": 64},
         },
         "student": {"layers": "every_other"},
+        "cache": {"shard_rows": 1024, "batch_size": 128},
         "data": {"train_file": str(data_dir / "train.jsonl"),
                  "eval_file": str(data_dir / "dev.jsonl"), "max_length": 64},
         "loss": {"temperature": 2.0, "alpha": 0.7},
@@ -139,7 +147,6 @@ def run_demo(output_dir: str, overrides: list[str] | None = None) -> dict:
     from kdscale.distill import run_distill
     from kdscale.evaluation import run_eval
     from kdscale.finetune import run_finetune
-    from kdscale.teacher import run_cache
     from kdscale.train import process_state
 
     extra = {"cache": {"overwrite": True}}  # the demo owns its output directory
@@ -150,6 +157,27 @@ def run_demo(output_dir: str, overrides: list[str] | None = None) -> dict:
     if state.is_main_process:  # one writer for the shared files; the others wait for them
         prepare_demo_files(config)
     state.wait_for_everyone()
-    for stage in (run_finetune, run_cache, run_distill):
-        stage(config)
+    run_finetune(config)
+    run_cache_stage(config, state)
+    run_distill(config)
     return run_eval(config)
+
+
+def run_cache_stage(config: Config, state) -> None:
+    """The teacher's logits from 2 processes with the teacher sharded by ZeRO-3, the path a
+    cluster takes. Launched here unless the demo itself already runs under a launcher."""
+    from kdscale.caching import run_cache
+
+    processes = 2 if not torch.cuda.is_available() else min(2, torch.cuda.device_count())
+    if state.num_processes > 1 or processes == 1:
+        return run_cache(config)
+    config_file = Path(config.output_dir) / "config.yaml"
+    config_file.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+               "--num_processes", str(processes), "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port()),
+               "-m", "kdscale", "cache", "--config", str(config_file)]
+    print("launching:", " ".join(command[2:]), flush=True)
+    threads = max(1, (os.cpu_count() or 2) // processes)  # share the cores, do not fight
+    subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})

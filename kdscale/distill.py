@@ -10,6 +10,7 @@ from kdscale.config import Config
 from kdscale.data import PaddingCollator, check_sources, make_loader, prepare
 from kdscale.losses import KDLoss
 from kdscale.models import (
+    checkpoint_sha256,
     label_names,
     load_classifier,
     load_tokenizer,
@@ -17,7 +18,6 @@ from kdscale.models import (
     resolve_layers,
     student_from_teacher,
     tokenizer_sha256,
-    weights_sha256,
 )
 from kdscale.train import make_accelerator, model_inputs, save_model, train_loop
 
@@ -41,7 +41,7 @@ def run_distill(config: Config) -> None:
     with accelerator.main_process_first():
         train = prepare(config.data, tokenizer, "train", label_names(teacher))
     cache.check_compatible(data_fingerprint=train.fingerprint,
-                           teacher_sha256=weights_sha256(teacher),
+                           teacher_sha256=checkpoint_sha256(config.teacher_dir),
                            tokenizer_sha256=tokenizer_sha256(tokenizer),
                            num_outputs=teacher.config.num_labels)
     student = student_from_teacher(teacher, layers)

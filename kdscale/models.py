@@ -152,6 +152,23 @@ def weights_sha256(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def checkpoint_sha256(directory: str | Path) -> str:
+    """Identity of a saved model's weights: its weight files' names and bytes, read in 8 MiB
+    chunks (no process needs the whole model in memory, even a ZeRO-3 shard)."""
+    directory = Path(directory)
+    files = sorted(p for p in directory.iterdir() if p.suffix in (".safetensors", ".bin"))
+    if not files:
+        raise FileNotFoundError(f"checkpoint {directory} has no weight files "
+                                f"(*.safetensors or *.bin)")
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode())
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 23):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
 def tokenizer_sha256(tokenizer) -> str:
     """Identity of a tokenizer: its vocabulary and the settings that change token ids."""
     digest = hashlib.sha256()

@@ -1,77 +1,162 @@
-"""`kdscale cache`: run the fine-tuned teacher over the training data once and store its raw
-logits in a LogitCache, keyed by example id."""
+"""The teacher at inference time: where its weights live (its placement) and a runner that
+computes its logits on this process.
+
+Placements: `replicate` keeps a full copy per process (fastest when it fits: no parameter
+traffic); `zero3` shards the weights over processes with DeepSpeed ZeRO-3, which gathers each
+layer for the forward pass, so every process must run the same number of forwards;
+`zero3_offload` also keeps the shards in CPU memory; `auto` picks from the teacher's size
+and the free memory per process, and says why.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
 import torch
-from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForSequenceClassification
 
-from kdscale.cache import CacheWriter, LogitCache, read_manifest
-from kdscale.cache.format import MANIFEST_NAME
-from kdscale.config import Config
-from kdscale.data import PaddingCollator, check_sources, make_loader, prepare
-from kdscale.models import (
-    label_names,
-    load_classifier,
-    load_tokenizer,
-    tokenizer_sha256,
-    weights_sha256,
-)
-from kdscale.train import model_inputs, process_state
+from kdscale import configs
+from kdscale.config import ConfigError, TeacherConfig
+
+DEEPSPEED_CONFIGS = {"zero3": "deepspeed/teacher_zero3.json",
+                     "zero3_offload": "deepspeed/teacher_zero3_offload.json"}
+# A replica must leave room for activations and the runtime: use at most this share of memory.
+REPLICA_SHARE = 0.5
+GiB = 1024**3
 
 
-def cache_is_current(config: Config, fingerprints: dict) -> bool:
-    """True when a complete cache for this teacher and data is already there."""
-    if not (config.cache_dir / MANIFEST_NAME).is_file():
-        return False
-    manifest = read_manifest(config.cache_dir)
-    current = (manifest.data_fingerprint == fingerprints["data_fingerprint"]
-               and manifest.teacher.get("weights_sha256") == fingerprints["teacher_sha256"])
-    if not current and not config.cache.overwrite:
-        LogitCache(config.cache_dir).check_compatible(**fingerprints)  # raises, naming what differs
-    return current
+@dataclass
+class Placement:
+    name: str  # replicate | zero3 | zero3_offload
+    reason: str
 
 
-@torch.inference_mode()
-def write_logits(teacher: torch.nn.Module, loader, writer: CacheWriter,
-                 device: torch.device) -> None:
-    teacher.eval().to(device)
-    for batch in tqdm(loader, desc="teacher logits"):
-        inputs = {k: v.to(device) for k, v in model_inputs(batch).items()}
-        writer.add(batch["example_id"], teacher(**inputs).logits.float().cpu())
+def compute_dtype(precision: str) -> torch.dtype:
+    if precision == "auto":
+        cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def run_cache(config: Config) -> None:
-    check_sources(config.data)
-    state = process_state()
-    if state.num_processes > 1:
-        # Sharding the teacher's work over ranks is the distributed cache's job; until then
-        # the main process writes the whole cache and the others wait for it.
-        state.print("note: the cache is written by the main process alone")
-    if state.is_main_process:
-        build_cache(config)
-    state.wait_for_everyone()
+def parameter_count(checkpoint: str | Path) -> int:
+    """The teacher's parameters, counted from its config on the meta device (no weights read)."""
+    config = AutoConfig.from_pretrained(str(checkpoint))
+    with torch.device("meta"):
+        model = AutoModelForSequenceClassification.from_config(config)
+    return sum(p.numel() for p in model.parameters())
 
 
-def build_cache(config: Config) -> None:
-    tokenizer = load_tokenizer(config.teacher_dir)
-    teacher = load_classifier(config.teacher_dir, "teacher")
-    train = prepare(config.data, tokenizer, "train", label_names(teacher))
-    fingerprints = {"data_fingerprint": train.fingerprint,
-                    "teacher_sha256": weights_sha256(teacher),
-                    "tokenizer_sha256": tokenizer_sha256(tokenizer)}
-    if cache_is_current(config, fingerprints):
-        print(f"cache {config.cache_dir} is complete for this teacher and data; nothing to do")
+def free_memory_per_process(local_processes: int) -> int:
+    if torch.cuda.is_available():
+        return torch.cuda.mem_get_info()[0]
+    return psutil.virtual_memory().available // max(local_processes, 1)
+
+
+def choose_placement(requested: str, weight_bytes: int, free_bytes: int,
+                     world_size: int) -> Placement:
+    if requested != "auto":
+        return Placement(requested, "set by teacher.placement")
+    sizes = f"weights {weight_bytes / GiB:.2f} GiB, {free_bytes / GiB:.1f} GiB free per process"
+    if weight_bytes <= REPLICA_SHARE * free_bytes:
+        return Placement("replicate", f"{sizes}: a full copy fits with room for activations, "
+                                      f"and replicas need no parameter traffic")
+    if world_size > 1 and weight_bytes / world_size <= REPLICA_SHARE * free_bytes:
+        return Placement("zero3", f"{sizes}: a copy does not fit, a 1/{world_size} ZeRO-3 "
+                                  f"shard does")
+    return Placement("zero3_offload", f"{sizes}: even a 1/{world_size} shard does not fit on "
+                                      f"the device; shards live in CPU memory")
+
+
+def deepspeed_config(cfg: TeacherConfig, placement: str, batch_size: int,
+                     dtype: torch.dtype, hidden_size: int) -> dict:
+    """The teacher's DeepSpeed config with its "auto" values filled, as Accelerate would."""
+    path = Path(cfg.deepspeed_config) if cfg.deepspeed_config else configs.path(
+        DEEPSPEED_CONFIGS[placement])
+    if not path.is_file():
+        raise ConfigError(f"teacher.deepspeed_config: file {path} does not exist")
+    ds = json.loads(path.read_text())
+    ds["train_micro_batch_size_per_gpu"] = batch_size
+    ds.setdefault("bf16", {})["enabled"] = dtype == torch.bfloat16
+    ds.setdefault("fp16", {})["enabled"] = dtype == torch.float16
+    zero = ds.setdefault("zero_optimization", {})
+    if zero.get("stage3_param_persistence_threshold") == "auto":
+        zero["stage3_param_persistence_threshold"] = 10 * hidden_size
+    if zero.get("stage3_prefetch_bucket_size") == "auto":
+        zero["stage3_prefetch_bucket_size"] = int(0.9 * hidden_size * hidden_size)
+    unfilled = [key for key, value in _leaves(ds) if value == "auto"]
+    if unfilled:
+        raise ConfigError(f"{path}: kdscale cannot fill {unfilled} for the teacher; "
+                          f"set them to values")
+    return ds
+
+
+def _leaves(tree: dict, prefix: str = ""):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+class TeacherRunner:
+    """Loads a fine-tuned teacher in its placement and computes logits on this process."""
+
+    def __init__(self, checkpoint: str | Path, placement: str, dtype: torch.dtype,
+                 ds_config: dict | None):
+        self.device = torch.device("cuda", torch.cuda.current_device()) \
+            if torch.cuda.is_available() else torch.device("cpu")
+        self.placement, self.dtype = placement, dtype
+        if placement == "replicate":
+            model = AutoModelForSequenceClassification.from_pretrained(str(checkpoint))
+            self.model = model.to(self.device, dtype).eval()
+        else:
+            self.model = _zero3_model(checkpoint, dtype, ds_config)
+
+    @property
+    def params_held(self) -> int:
+        """Parameter elements stored on this process (a ZeRO-3 shard, or the full model)."""
+        return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
+                   for p in self.model.parameters())
+
+    @torch.inference_mode()
+    def logits(self, batch: dict) -> torch.Tensor:
+        inputs = {k: batch[k].to(self.device) for k in ("input_ids", "attention_mask",
+                                                        "token_type_ids") if k in batch}
+        return self.model(**inputs).logits.float().cpu()
+
+
+def _zero3_model(checkpoint: str | Path, dtype: torch.dtype, ds_config: dict):
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    _ensure_process_group()
+    # While this object lives, from_pretrained loads each weight straight into its ZeRO-3
+    # shard: no process ever holds the whole teacher.
+    hf_ds_config = HfDeepSpeedConfig(ds_config)
+    model = AutoModelForSequenceClassification.from_pretrained(str(checkpoint), dtype=dtype)
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+    del hf_ds_config
+    return engine.module.eval()
+
+
+def _ensure_process_group() -> None:
+    """DeepSpeed needs a process group, even for a single process."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
         return
-    print(f"caching {len(train.dataset)} examples x {teacher.config.num_labels} logits "
-          f"({config.cache.dtype}) to {config.cache_dir}")
-    loader = make_loader(train, config.cache.batch_size, PaddingCollator(tokenizer.pad_token_id),
-                         shuffle=False)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    with CacheWriter(config.cache_dir, num_outputs=teacher.config.num_labels,
-                     dtype=config.cache.dtype, shard_rows=config.cache.shard_rows,
-                     teacher={"name": str(config.teacher_dir),
-                              "weights_sha256": fingerprints["teacher_sha256"]},
-                     tokenizer_sha256=fingerprints["tokenizer_sha256"],
-                     data_fingerprint=train.fingerprint, overwrite=True) as writer:
-        write_logits(teacher, loader, writer, device)
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
+                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port()))):
+        os.environ.setdefault(key, value)
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    torch.distributed.init_process_group(backend=backend)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,12 +1,13 @@
 """The teacher-logit cache: computed once by `kdscale cache`, read by every student run.
 
-See `kdscale.cache.format` for the on-disk layout.
+See `kdscale.cache.format` for the on-disk layout and `kdscale.cache.writer` for how several
+processes write one cache.
 """
 
 from kdscale.cache.collator import TeacherLogitsCollator
 from kdscale.cache.format import CacheError, CacheManifest, CacheMismatchError, read_manifest
-from kdscale.cache.reader import LogitCache
-from kdscale.cache.writer import CacheWriter
+from kdscale.cache.reader import LogitCache, TopK, finished_shards
+from kdscale.cache.writer import CacheWriter, clear_partial, finalize_cache, write_shard
 
 __all__ = [
     "CacheError",
@@ -15,5 +16,10 @@ __all__ = [
     "CacheWriter",
     "LogitCache",
     "TeacherLogitsCollator",
+    "TopK",
+    "clear_partial",
+    "finalize_cache",
+    "finished_shards",
     "read_manifest",
+    "write_shard",
 ]

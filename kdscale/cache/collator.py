@@ -10,8 +10,13 @@ from kdscale.cache.reader import LogitCache
 
 
 class TeacherLogitsCollator:
-    """`base(examples)` plus `teacher_logits` (dense caches) or `teacher_topk_values` and
-    `teacher_topk_indices` (top-k caches), looked up by the batch's `example_id`."""
+    """`base(examples)` plus, looked up by the batch's `example_id`:
+
+    dense caches: `teacher_logits` [B, C];
+    top-k caches: `teacher_topk_values` [R, k], `teacher_topk_indices` [R, k] (int64, -1 pads);
+    per-position top-k caches also `teacher_topk_positions` [R] (the token of each row) and
+    `teacher_topk_counts` [B] (rows of each example, in batch order; 0 when none is masked).
+    """
 
     def __init__(self, base: Callable[[list[dict]], dict], cache: LogitCache):
         self.base, self.cache = base, cache
@@ -19,8 +24,12 @@ class TeacherLogitsCollator:
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         batch = self.base(examples)
         ids = batch["example_id"]
-        if self.cache.manifest.kind == "topk":
-            batch["teacher_topk_values"], batch["teacher_topk_indices"] = self.cache.get_topk(ids)
-        else:
+        if self.cache.manifest.kind == "dense":
             batch["teacher_logits"] = self.cache.get(ids)
+            return batch
+        topk = self.cache.get_topk(ids)
+        batch["teacher_topk_values"], batch["teacher_topk_indices"] = topk.values, topk.indices
+        if topk.positions is not None:
+            batch["teacher_topk_positions"] = topk.positions
+            batch["teacher_topk_counts"] = topk.counts
         return batch

@@ -3,20 +3,30 @@
 A cache is one directory:
 
     <dir>/
-      manifest.json                        written last: its presence is what "complete" means
-      shard-r00000-00000.safetensors       rank 0, shard 0
-      shard-r00000-00001.safetensors       rank 0, shard 1
-      shard-r00001-00000.safetensors       rank 1, shard 0 (each rank writes only its own shards)
+      manifest.json             written last: its presence is what "complete" means
+      shard-00000.safetensors   shards are numbered globally, whatever the world size: a planner
+      shard-00001.safetensors   decides which example ids go in shard i and which rank writes it
 
-Each shard is a plain safetensors file holding `rows` examples, keyed by stable example id:
+Each shard is a plain safetensors file holding `rows` rows, keyed by stable example id:
 
     dense:  example_ids int64 [rows]   logits <dtype> [rows, num_outputs]
     topk:   example_ids int64 [rows]   values <dtype> [rows, k]   indices int32 [rows, k]
             (an index of -1 marks a padding slot)
+    topk, one row per masked position (masked-LM caches), as topk plus:
+            positions int32 [rows]     the token position of each row
+            examples int64 [E]         every example of the shard, in row order, and
+            counts int32 [E]           its number of rows (0: no masked position)
+            An example's rows are contiguous and in one shard; example_ids repeats its id.
+
+While a cache is being written, a shard is finished once its sidecar `shard-00000.json`
+({"file", "index", "rows", "examples", "sha256", "bytes", "plan_id"}) is written after it: a
+resumed run trusts the sidecar, never a bare shard. `finalize_cache` copies the sidecars into the
+manifest and removes them. The plan id names the data, teacher, settings and shard assignment,
+so a rerun never mixes its shards with another plan's.
 
 Raw logits are stored; the temperature is chosen at distill time. The manifest records what the
-logits were computed from (teacher, tokenizer, data fingerprint), so that a reader can refuse a
-cache that does not match, and every shard's file name, row count, byte size and sha256.
+logits were computed from (teacher, tokenizer, data fingerprint, masking recipe), so that a reader
+can refuse a cache that does not match, and every shard's name, rows, examples, size and sha256.
 
 Every file is written under a temporary name in the same directory, fsynced, then renamed over
 its final name, so a crash never leaves a half-written file under a final name.
@@ -47,11 +57,14 @@ DTYPES = {
     "float32": (torch.float32, "F32"),
     "bfloat16": (torch.bfloat16, "BF16"),
 }
-# The pattern doubles as a path-traversal guard: a manifest can only name files in its directory.
-SHARD_RE = re.compile(r"shard-r\d{5}-\d{5}\.safetensors")
-TMP_RE = re.compile(r"\..+\.tmp")
+# The patterns double as a path-traversal guard: a manifest can only name files in its directory.
+SHARD_RE = re.compile(r"shard-(\d{5,})\.safetensors")
+SIDECAR_RE = re.compile(r"shard-(\d{5,})\.json")
+# write_bytes_atomic's temporary names: ".<final name>.<random>.tmp"
+TMP_RE = re.compile(r"\.(?:shard-\d{5,}\.(?:safetensors|json)|manifest\.json)\.\w+\.tmp")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _REBUILD = "rebuild it with `kdscale cache`"
+OVERWRITE = "use overwrite to replace it, or choose another directory"
 
 
 class CacheError(KdscaleError):
@@ -62,8 +75,21 @@ class CacheMismatchError(CacheError):
     """A logit cache was built for other data, another teacher or another tokenizer."""
 
 
-def shard_file_name(rank: int, index: int) -> str:
-    return f"shard-r{rank:05d}-{index:05d}.safetensors"
+def shard_file_name(index: int) -> str:
+    return f"shard-{index:05d}.safetensors"
+
+
+def sidecar_name(index: int) -> str:
+    return f"shard-{index:05d}.json"
+
+
+def shard_index(name: str, pattern: re.Pattern = SHARD_RE) -> int | None:
+    """The index in a shard (or, with SIDECAR_RE, sidecar) name; None for any other name."""
+    m = pattern.fullmatch(name)
+    # Only the canonical spelling: "shard-000001" and "shard-00001" must not both be shard 1.
+    if m is None or (len(m[1]) > 5 and m[1][0] == "0"):
+        return None
+    return int(m[1])
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -74,10 +100,12 @@ class CacheManifest:
     k: int | None  # slots per row for topk; None for dense
     dtype: str  # dtype of logits / values: "float16" | "float32" | "bfloat16"
     num_examples: int
+    num_rows: int  # == num_examples, except in a per-position topk cache
     teacher: dict[str, Any]  # e.g. {"name": ..., "weights_sha256": ...}
     tokenizer_sha256: str | None
     data_fingerprint: str
-    shards: list[dict[str, Any]]  # {"file", "rows", "sha256", "bytes"}, in write order
+    masking: dict[str, Any] | None  # masked-LM caches: the fixed-mask recipe, e.g. seed
+    shards: list[dict[str, Any]]  # {"file", "rows", "examples", "sha256", "bytes"}, by index
     kdscale_version: str = __version__
 
     def __post_init__(self) -> None:
@@ -117,50 +145,63 @@ class CacheManifest:
         return cls.from_dict(raw)
 
 
-def _check(ok: bool, field: str, expected: str, got: Any) -> None:
+def _check(ok: bool, field: str, expected: str, got: Any, where: str = "manifest field") -> None:
     if not ok:
-        raise CacheError(f"manifest field {field!r}: expected {expected}, got {got!r}")
+        raise CacheError(f"{where} {field!r}: expected {expected}, got {got!r}")
 
 
-def _is_int(x: Any, minimum: int) -> bool:
+def is_int(x: Any, minimum: int) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= minimum
+
+
+def check_settings(kind: str, num_outputs: int, k: int | None, dtype: str,
+                   where: str = "manifest field") -> None:
+    """The settings a shard and a manifest share; shared so both fail with the same words."""
+    _check(kind in KINDS, "kind", "'dense' or 'topk'", kind, where)
+    _check(is_int(num_outputs, 1), "num_outputs", "an integer >= 1", num_outputs, where)
+    if kind == "dense":
+        _check(k is None, "k", "null for a dense cache", k, where)
+    else:
+        _check(is_int(k, 1) and k <= num_outputs, "k",
+               f"an integer in [1, num_outputs={num_outputs}] for a topk cache", k, where)
+    _check(dtype in DTYPES, "dtype", f"one of {list(DTYPES)}", dtype, where)
 
 
 def _validate(m: CacheManifest) -> None:
     _check(m.format_version == CACHE_FORMAT_VERSION, "format_version",
            str(CACHE_FORMAT_VERSION), m.format_version)
-    _check(m.kind in KINDS, "kind", "'dense' or 'topk'", m.kind)
-    _check(_is_int(m.num_outputs, 1), "num_outputs", "an integer >= 1", m.num_outputs)
-    if m.kind == "dense":
-        _check(m.k is None, "k", "null for a dense cache", m.k)
-    else:
-        _check(_is_int(m.k, 1) and m.k <= m.num_outputs, "k",
-               f"an integer in [1, num_outputs={m.num_outputs}] for a topk cache", m.k)
-    _check(m.dtype in DTYPES, "dtype", f"one of {list(DTYPES)}", m.dtype)
+    check_settings(m.kind, m.num_outputs, m.k, m.dtype)
     _check(isinstance(m.teacher, dict), "teacher", "an object", m.teacher)
     _check(m.tokenizer_sha256 is None or isinstance(m.tokenizer_sha256, str),
            "tokenizer_sha256", "a string or null", m.tokenizer_sha256)
     _check(isinstance(m.data_fingerprint, str), "data_fingerprint", "a string",
            m.data_fingerprint)
+    _check(m.masking is None or isinstance(m.masking, dict), "masking", "an object or null",
+           m.masking)
     _check(isinstance(m.kdscale_version, str), "kdscale_version", "a string", m.kdscale_version)
     _check(isinstance(m.shards, list), "shards", "a list", m.shards)
     for i, shard in enumerate(m.shards):
-        _validate_shard(f"shards[{i}]", shard)
-    files = [s["file"] for s in m.shards]
-    _check(len(set(files)) == len(files), "shards", "distinct file names", files)
-    total = sum(s["rows"] for s in m.shards)
-    _check(m.num_examples == total, "num_examples",
-           f"{total} (the sum of the shards' rows)", m.num_examples)
+        _validate_shard(f"shards[{i}]", i, shard, m.kind)
+    for field, key in (("num_rows", "rows"), ("num_examples", "examples")):
+        total = sum(s[key] for s in m.shards)
+        _check(getattr(m, field) == total, field, f"{total} (the sum of the shards' {key})",
+               getattr(m, field))
 
 
-def _validate_shard(field: str, shard: Any) -> None:
-    keys = {"file", "rows", "sha256", "bytes"}
+def _validate_shard(field: str, index: int, shard: Any, kind: str) -> None:
+    keys = {"file", "rows", "examples", "sha256", "bytes"}
     _check(isinstance(shard, dict) and keys <= shard.keys(), field,
            f"an object with keys {sorted(keys)}", shard)
-    _check(isinstance(shard["file"], str) and SHARD_RE.fullmatch(shard["file"]) is not None,
-           f"{field}.file", "a name like 'shard-r00000-00000.safetensors'", shard["file"])
-    _check(_is_int(shard["rows"], 1), f"{field}.rows", "an integer >= 1", shard["rows"])
-    _check(_is_int(shard["bytes"], 8), f"{field}.bytes", "an integer >= 8", shard["bytes"])
+    # The list is indexed by shard: entry i names shard i, so no file can be listed twice.
+    _check(shard["file"] == shard_file_name(index), f"{field}.file",
+           repr(shard_file_name(index)), shard["file"])
+    _check(is_int(shard["rows"], 0), f"{field}.rows", "an integer >= 0", shard["rows"])
+    _check(is_int(shard["examples"], 0), f"{field}.examples", "an integer >= 0",
+           shard["examples"])
+    if kind == "dense":
+        _check(shard["examples"] == shard["rows"], f"{field}.examples",
+               "the shard's rows (one row per example in a dense cache)", shard["examples"])
+    _check(is_int(shard["bytes"], 8), f"{field}.bytes", "an integer >= 8", shard["bytes"])
     _check(isinstance(shard["sha256"], str) and _SHA256_RE.fullmatch(shard["sha256"]) is not None,
            f"{field}.sha256", "64 lowercase hex digits", shard["sha256"])
 
@@ -233,3 +274,49 @@ def read_manifest(directory: str | os.PathLike) -> CacheManifest:
         return CacheManifest.from_json(path.read_text())
     except CacheError as e:
         raise CacheError(f"{path}: {e}") from None
+
+
+def shard_metadata(plan_id: str, index: int) -> dict[str, str]:
+    # One key: safetensors writes a multi-key metadata map in random order, and the bytes (and
+    # sha256) of a shard must not depend on the process that wrote it.
+    return {"kdscale_cache": json.dumps(
+        {"format_version": CACHE_FORMAT_VERSION, "index": index, "plan_id": plan_id},
+        sort_keys=True)}
+
+
+def read_header(path: Path, size: int) -> tuple[int, dict[str, Any]]:
+    """(offset of the data region, parsed header) of a safetensors file.
+
+    A safetensors file is: 8-byte little-endian header length N, N bytes of JSON header
+    ({name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}), then the
+    data, with offsets relative to the first byte after the header.
+    """
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if n > size - 8:
+            raise CacheError(f"shard {path.name}: header length {n} runs past the end of the "
+                             f"file ({size} bytes); {_REBUILD}")
+        try:
+            return 8 + n, json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CacheError(
+                f"shard {path.name}: unreadable safetensors header; {_REBUILD}") from None
+
+
+def shard_plan_id(path: Path) -> str | None:
+    """The plan a shard was written for; None when it has none or cannot be read."""
+    try:
+        # One handle: another rank may atomically replace the file while this one reads it.
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n)) if n < 1 << 20 else {}
+        return json.loads(header["__metadata__"]["kdscale_cache"])["plan_id"]
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
+
+
+def few(items: list[Any], limit: int = 5) -> str:
+    """'[1, 2]', or '[1, 2, 3, 4, 5, ... (9 in all)]': a message names some, and how many."""
+    if len(items) <= limit:
+        return str(list(items))
+    return f"[{', '.join(map(str, items[:limit]))}, ... ({len(items)} in all)]"

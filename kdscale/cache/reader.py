@@ -1,54 +1,188 @@
 """Reads a teacher-logit cache: rows gathered by example id from memory-mapped shards.
 
 The layout is described in `kdscale.cache.format`. Opening a cache reads the manifest, checks
-that every shard exists with its recorded size, parses each shard's safetensors header and
-reads only the small `example_ids` tensors. Logits are never loaded whole: each tensor's data
-region is mapped with `np.memmap`, so `get()` touches only the pages of the rows it returns.
-
-A safetensors file is: 8-byte little-endian header length N, N bytes of JSON header
-({name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}), then the data,
-with offsets relative to the first byte after the header.
+that every shard exists with its recorded size, parses each shard's safetensors header and reads
+only its small id tensors. Logits are never loaded whole: each tensor's data region is mapped
+with `np.memmap`, so a lookup touches only the pages of the rows it returns. `finished_shards`
+reads the state of a cache still being written.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
 from kdscale.cache.format import (
     DTYPES,
+    MANIFEST_NAME,
+    OVERWRITE,
+    SIDECAR_RE,
     CacheError,
     CacheManifest,
     CacheMismatchError,
+    read_header,
     read_manifest,
     sha256_file,
+    shard_file_name,
+    shard_index,
+    shard_plan_id,
+    sidecar_name,
 )
 
 # safetensors dtype code -> numpy dtype; bfloat16 has none, so it is mapped as raw uint16
 _NP_DTYPES = {"F16": np.float16, "F32": np.float32, "BF16": np.uint16, "I32": np.int32,
               "I64": np.int64}
 _REBUILD = "rebuild the cache with `kdscale cache`"
+_SIDECAR_KEYS = ("file", "index", "rows", "examples", "sha256", "bytes", "plan_id")
 MAX_OPEN_MAPS = 256
 
 
-def _read_header(path: Path, size: int) -> tuple[int, dict[str, Any]]:
-    """Returns (offset of the data region, parsed header) of a safetensors file."""
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        if n > size - 8:
-            raise CacheError(f"shard {path.name}: header length {n} runs past the end of the "
-                             f"file ({size} bytes); {_REBUILD}")
-        try:
-            return 8 + n, json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise CacheError(
-                f"shard {path.name}: unreadable safetensors header; {_REBUILD}") from None
+# -- a cache being written ---------------------------------------------------------------------
+
+
+def finished_shards(directory: str | os.PathLike, plan_id: str) -> dict[int, dict[str, Any]]:
+    """{index: sidecar} of this plan's finished shards: sidecar present, file of its size.
+
+    Raises CacheError when the directory holds a complete cache, or shards of another plan: a
+    rerun must never mix its shards with those of other data, another teacher or other settings.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return {}
+    if (directory / MANIFEST_NAME).is_file():
+        raise CacheError(f"{directory} already holds a complete logit cache; {OVERWRITE}")
+    finished, foreign = {}, []
+    for path in sorted(directory.iterdir()):
+        if (i := shard_index(path.name, SIDECAR_RE)) is not None:
+            sidecar = _read_sidecar(path)
+            if sidecar is not None and sidecar["plan_id"] != plan_id:
+                foreign.append(path.name)
+            elif sidecar is not None and _matches_file(directory, i, sidecar):
+                finished[i] = sidecar
+        elif (i := shard_index(path.name)) is not None:
+            # A shard without a sidecar is unfinished if it is ours; its header says whose it is.
+            if not (directory / sidecar_name(i)).exists() and shard_plan_id(path) != plan_id:
+                foreign.append(path.name)
+    if foreign:
+        raise CacheError(
+            f"{directory} holds a partial cache of a different plan (different data, teacher "
+            f"or settings), e.g. {', '.join(foreign[:3])}; {OVERWRITE}")
+    return finished
+
+
+def _read_sidecar(path: Path) -> dict[str, Any] | None:
+    # Sidecars are written atomically, so an unreadable one is debris: it marks nothing finished.
+    try:
+        sidecar = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    ok = isinstance(sidecar, dict) and all(key in sidecar for key in _SIDECAR_KEYS)
+    return sidecar if ok and isinstance(sidecar["plan_id"], str) else None
+
+
+def _matches_file(directory: Path, index: int, sidecar: dict[str, Any]) -> bool:
+    path = directory / shard_file_name(index)
+    return (sidecar["file"] == path.name and sidecar["index"] == index and path.is_file()
+            and path.stat().st_size == sidecar["bytes"])
+
+
+# -- a complete cache --------------------------------------------------------------------------
+
+
+class Shards(NamedTuple):
+    specs: list[dict[str, tuple]]  # per shard: {tensor: (path, numpy dtype, offset, shape)}
+    ids: np.ndarray  # int64 [E]: every example of every shard, in shard then row order
+    counts: np.ndarray | None  # int32 [E]: rows of each example; None when each has one row
+    order: np.ndarray  # argsort of ids
+
+
+def open_shards(directory: Path, m: CacheManifest, remedy: str = _REBUILD) -> Shards:
+    """Checks every shard cheaply (size, header, ids; no id in two shards) without mapping it."""
+    specs = [_open_shard(directory, m, s) for s in m.shards]
+    per_position = {"positions" in spec for spec in specs}
+    if len(per_position) > 1:
+        raise CacheError(f"the shards of {directory} mix one row per example and one row per "
+                         f"masked position; {_REBUILD}")
+    key = "examples" if True in per_position else "example_ids"
+    ids = [_read(spec[key]) for spec in specs]
+    counts = [_read(spec["counts"]) for spec in specs] if True in per_position else None
+    for shard, c in zip(m.shards, counts or [], strict=False):
+        if c.min(initial=0) < 0 or int(c.sum()) != shard["rows"]:
+            raise CacheError(f"shard {shard['file']}: the row counts of its examples do not add "
+                             f"up to its {shard['rows']} rows; {_REBUILD}")
+    all_ids = np.concatenate(ids) if ids else np.empty(0, np.int64)
+    order = np.argsort(all_ids, kind="stable")
+    repeated = np.flatnonzero(np.diff(all_ids[order]) == 0)
+    if repeated.size:
+        shard_of = np.repeat(np.arange(len(ids)), [len(i) for i in ids])
+        a, b = shard_of[order[repeated[0]]], shard_of[order[repeated[0] + 1]]
+        raise CacheError(f"example id {all_ids[order[repeated[0]]]} appears more than once (in "
+                         f"{m.shards[a]['file']} and {m.shards[b]['file']}); {remedy}")
+    return Shards(specs, all_ids, np.concatenate(counts) if counts else None, order)
+
+
+def _layout(m: CacheManifest, shard: dict[str, Any],
+            per_position: bool) -> dict[str, tuple[str, list[int]]]:
+    rows, code = shard["rows"], DTYPES[m.dtype][1]
+    if m.kind == "dense":
+        return {"example_ids": ("I64", [rows]), "logits": (code, [rows, m.num_outputs])}
+    layout = {"example_ids": ("I64", [rows]), "values": (code, [rows, m.k]),
+              "indices": ("I32", [rows, m.k])}
+    if per_position:
+        layout |= {"positions": ("I32", [rows]), "examples": ("I64", [shard["examples"]]),
+                   "counts": ("I32", [shard["examples"]])}
+    return layout
+
+
+def _open_shard(directory: Path, m: CacheManifest, shard: dict[str, Any]) -> dict[str, tuple]:
+    path = directory / shard["file"]
+    if not path.is_file():
+        raise CacheError(f"shard {shard['file']} listed in the manifest is missing from "
+                         f"{directory}; {_REBUILD}")
+    size = path.stat().st_size
+    if size != shard["bytes"]:
+        raise CacheError(f"shard {shard['file']} has {size} bytes, the manifest records "
+                         f"{shard['bytes']} (truncated or replaced); {_REBUILD}")
+    start, header = read_header(path, size)
+    per_position = m.kind == "topk" and "positions" in header
+    if not per_position and shard["examples"] != shard["rows"]:
+        raise CacheError(f"shard {shard['file']} holds one row per example, but the manifest "
+                         f"records {shard['examples']} examples in {shard['rows']} rows; "
+                         f"{_REBUILD}")
+    specs = {}
+    for name, (code, shape) in _layout(m, shard, per_position).items():
+        entry = header.get(name)
+        dtype = np.dtype(_NP_DTYPES[code])
+        begin, end = (entry or {}).get("data_offsets", (0, -1))
+        ok = (entry is not None and entry.get("dtype") == code and entry.get("shape") == shape
+              and end - begin == dtype.itemsize * int(np.prod(shape)) and start + end <= size)
+        if not ok:
+            raise CacheError(f"shard {shard['file']}: tensor {name!r} is missing or is not "
+                             f"{code} {shape} ({entry}); {_REBUILD}")
+        specs[name] = (path, dtype, start + begin, tuple(shape))
+    return specs
+
+
+def _read(spec: tuple) -> np.ndarray:
+    path, dtype, offset, shape = spec
+    return np.fromfile(path, dtype=dtype, count=int(np.prod(shape)), offset=offset)
+
+
+@dataclasses.dataclass
+class TopK:
+    """The top-k rows of some examples, concatenated in request order."""
+
+    values: torch.Tensor  # [R, k] in the stored dtype
+    indices: torch.Tensor  # [R, k] int64 (what torch.gather takes); -1 marks a padding slot
+    positions: torch.Tensor | None  # [R] int64 token position of each row; None: one row each
+    counts: torch.Tensor  # [n] int64 rows of each requested id (all 1 without positions)
 
 
 class LogitCache:
@@ -57,65 +191,27 @@ class LogitCache:
     def __init__(self, directory: str | os.PathLike) -> None:
         self.directory = Path(directory)
         self._manifest = read_manifest(self.directory)
-        self._specs = [self._open_shard(s) for s in self._manifest.shards]
+        shards = open_shards(self.directory, self._manifest)
+        self._specs = shards.specs
         self._arrays: OrderedDict[tuple[int, str], np.memmap] = OrderedDict()  # LRU, lazy
-        self._build_index()
+        # Sorted ids, each example's first global row and (per position) its row count: 16
+        # bytes per example (20 per position), against ~100 for a dict.
+        self._sorted_ids = shards.ids[shards.order]
+        counts = shards.counts
+        first = np.arange(len(shards.ids)) if counts is None else np.cumsum(counts) - counts
+        self._first = first.astype(np.int64)[shards.order]
+        self._counts = None if counts is None else counts[shards.order]
+        rows = [s["rows"] for s in self._manifest.shards]
+        self._starts = np.cumsum([0] + rows[:-1], dtype=np.int64)  # global row of each shard
 
     @property
     def manifest(self) -> CacheManifest:
         return self._manifest
 
-    # -- opening -------------------------------------------------------------------------------
-
-    def _expected(self, rows: int) -> dict[str, tuple[str, list[int]]]:
-        m, code = self._manifest, DTYPES[self._manifest.dtype][1]
-        if m.kind == "dense":
-            return {"example_ids": ("I64", [rows]), "logits": (code, [rows, m.num_outputs])}
-        return {"example_ids": ("I64", [rows]), "values": (code, [rows, m.k]),
-                "indices": ("I32", [rows, m.k])}
-
-    def _open_shard(self, shard: dict[str, Any]) -> dict[str, tuple]:
-        """Checks a shard cheaply (size, header); returns {tensor: (path, dtype, offset, shape)}."""
-        path = self.directory / shard["file"]
-        if not path.is_file():
-            raise CacheError(f"shard {shard['file']} listed in the manifest is missing from "
-                             f"{self.directory}; {_REBUILD}")
-        size = path.stat().st_size
-        if size != shard["bytes"]:
-            raise CacheError(f"shard {shard['file']} has {size} bytes, the manifest records "
-                             f"{shard['bytes']} (truncated or replaced); {_REBUILD}")
-        start, header = _read_header(path, size)
-        specs = {}
-        for name, (code, shape) in self._expected(shard["rows"]).items():
-            entry = header.get(name)
-            dtype = np.dtype(_NP_DTYPES[code])
-            begin, end = (entry or {}).get("data_offsets", (0, -1))
-            ok = (entry is not None and entry.get("dtype") == code and entry.get("shape") == shape
-                  and end - begin == dtype.itemsize * int(np.prod(shape)) and start + end <= size)
-            if not ok:
-                raise CacheError(f"shard {shard['file']}: tensor {name!r} is missing or is not "
-                                 f"{code} {shape} ({entry}); {_REBUILD}")
-            specs[name] = (path, dtype, start + begin, tuple(shape))
-        return specs
-
-    def _build_index(self) -> None:
-        # One sorted id array plus each id's global row; shard and row follow from the shard
-        # starts. About 16 bytes per example, against ~100 for a dict.
-        ids = [np.fromfile(p, dtype=d, count=s[0], offset=o)
-               for p, d, o, s in (spec["example_ids"] for spec in self._specs)]
-        ids = np.concatenate(ids) if ids else np.empty(0, np.int64)
-        rows = [s["rows"] for s in self._manifest.shards]
-        self._starts = np.concatenate([[0], np.cumsum(rows)[:-1]]).astype(np.int64)
-        self._order = np.argsort(ids, kind="stable")
-        self._sorted_ids = ids[self._order]
-        repeated = np.flatnonzero(np.diff(self._sorted_ids) == 0)
-        if repeated.size:
-            dup = self._sorted_ids[repeated[0]]
-            files = [self._manifest.shards[s]["file"] for s in self._shard_of(ids == dup)]
-            raise CacheError(f"example id {dup} appears more than once (in {files}); {_REBUILD}")
-
-    def _shard_of(self, mask: np.ndarray) -> np.ndarray:
-        return np.searchsorted(self._starts, np.flatnonzero(mask), side="right") - 1
+    @property
+    def per_position(self) -> bool:
+        """True for a top-k cache with one row per masked position (and TopK.positions)."""
+        return self._counts is not None
 
     def _array(self, shard: int, name: str) -> np.memmap:
         key = (shard, name)
@@ -126,7 +222,7 @@ class LogitCache:
         self._arrays[key] = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
         # Each map holds a file descriptor: bound them, or a cache of thousands of shards
         # runs into the open-file limit (often 1024).
-        if len(self._arrays) > MAX_OPEN_MAPS:
+        while len(self._arrays) > MAX_OPEN_MAPS:
             self._arrays.popitem(last=False)
         return self._arrays[key]
 
@@ -149,8 +245,8 @@ class LogitCache:
         """All cached example ids, sorted, as int64 [num_examples]."""
         return torch.from_numpy(self._sorted_ids.copy())
 
-    def _locate(self, example_ids: Any) -> tuple[np.ndarray, np.ndarray]:
-        """Maps ids [n] to (shard [n], row in shard [n]); KeyError if any id is not cached."""
+    def _locate(self, example_ids: Any) -> np.ndarray:
+        """Maps ids [n] to their places in the index [n]; KeyError if any id is not cached."""
         if isinstance(example_ids, torch.Tensor):
             example_ids = example_ids.detach().cpu().numpy()
         q = np.asarray(example_ids)
@@ -164,38 +260,46 @@ class LogitCache:
             raise KeyError(f"example id {missing[0]} is not in the logit cache at "
                            f"{self.directory} ({missing.size} of {q.size} requested ids are "
                            "missing); was it built for this dataset?")
-        row = self._order[pos]
-        shard = np.searchsorted(self._starts, row, side="right") - 1
-        return shard, row - self._starts[shard]
+        return pos
 
-    def _gather(self, name: str, shard: np.ndarray, row: np.ndarray, width: int,
-                dtype: np.dtype) -> torch.Tensor:
-        out = np.empty((len(row), width), dtype=dtype)  # [n, width]
+    def _gather(self, name: str, rows: np.ndarray, width: tuple[int, ...]) -> torch.Tensor:
+        """Global rows [R] of one tensor -> [R, *width], reading only those rows' pages."""
+        shard = np.searchsorted(self._starts, rows, side="right") - 1
+        local = rows - self._starts[shard]
+        dtype = np.dtype(np.int32 if name in ("indices", "positions") else
+                         _NP_DTYPES[DTYPES[self._manifest.dtype][1]])
+        out = np.empty((len(rows), *width), dtype=dtype)
         for s in np.unique(shard):
             sel = np.flatnonzero(shard == s)
-            out[sel] = self._array(int(s), name)[row[sel]]  # reads only these rows' pages
+            out[sel] = self._array(int(s), name)[local[sel]]
         t = torch.from_numpy(out)
-        bf16 = self._manifest.dtype == "bfloat16" and name != "indices"
-        return t.view(torch.bfloat16) if bf16 else t
-
-    def _value_dtype(self) -> np.dtype:
-        return np.dtype(_NP_DTYPES[DTYPES[self._manifest.dtype][1]])
+        if dtype == np.int32:
+            return t.long()  # torch.gather and indexing take int64
+        return t.view(torch.bfloat16) if self._manifest.dtype == "bfloat16" else t
 
     def get(self, example_ids: Any) -> torch.Tensor:
         """Dense logits [n, num_outputs] in the stored dtype, in the order of `example_ids`."""
         if self._manifest.kind != "dense":
             raise CacheError("this is a topk cache: use get_topk(), not get()")
-        shard, row = self._locate(example_ids)
-        return self._gather("logits", shard, row, self._manifest.num_outputs, self._value_dtype())
+        rows = self._first[self._locate(example_ids)]
+        return self._gather("logits", rows, (self._manifest.num_outputs,))
 
-    def get_topk(self, example_ids: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """(values [n, k] in the stored dtype, indices [n, k] int32 with -1 for padding)."""
+    def get_topk(self, example_ids: Any) -> TopK:
+        """The rows of `example_ids`, concatenated in request order (see TopK)."""
         if self._manifest.kind != "topk":
             raise CacheError("this is a dense cache: use get(), not get_topk()")
-        shard, row = self._locate(example_ids)
-        k = self._manifest.k
-        return (self._gather("values", shard, row, k, self._value_dtype()),
-                self._gather("indices", shard, row, k, np.dtype(np.int32)))
+        pos, k = self._locate(example_ids), self._manifest.k
+        if self._counts is None:
+            rows, counts = self._first[pos], np.ones(len(pos), np.int64)
+        else:
+            counts = self._counts[pos].astype(np.int64)
+            # Row j of example i is first[i] + j: expand each example's range of rows.
+            within = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+            rows = np.repeat(self._first[pos], counts) + within
+        positions = self._gather("positions", rows, ()) if self.per_position else None
+        return TopK(values=self._gather("values", rows, (k,)),
+                    indices=self._gather("indices", rows, (k,)), positions=positions,
+                    counts=torch.from_numpy(counts))
 
     # -- checks --------------------------------------------------------------------------------
 
@@ -209,14 +313,17 @@ class LogitCache:
 
     def check_compatible(self, *, data_fingerprint: str | None = None,
                          teacher_sha256: str | None = None, tokenizer_sha256: str | None = None,
-                         num_outputs: int | None = None) -> None:
+                         num_outputs: int | None = None,
+                         masking: dict[str, Any] | None = None) -> None:
         """Raises CacheMismatchError naming every given field that differs from the cache."""
         m = self._manifest
         cached = {"data_fingerprint": m.data_fingerprint,
                   "teacher_sha256": m.teacher.get("weights_sha256"),
-                  "tokenizer_sha256": m.tokenizer_sha256, "num_outputs": m.num_outputs}
+                  "tokenizer_sha256": m.tokenizer_sha256, "num_outputs": m.num_outputs,
+                  "masking": m.masking}
         expected = {"data_fingerprint": data_fingerprint, "teacher_sha256": teacher_sha256,
-                    "tokenizer_sha256": tokenizer_sha256, "num_outputs": num_outputs}
+                    "tokenizer_sha256": tokenizer_sha256, "num_outputs": num_outputs,
+                    "masking": masking}
         diffs = [f"  {field}: cache has {cached[field]!r}, expected {want!r}"
                  for field, want in expected.items() if want is not None and cached[field] != want]
         if diffs:
@@ -228,4 +335,5 @@ class LogitCache:
     def __repr__(self) -> str:
         m = self._manifest
         return (f"LogitCache({str(self.directory)!r}, kind={m.kind}, examples={len(self)}, "
-                f"num_outputs={m.num_outputs}, k={m.k}, dtype={m.dtype}, shards={len(m.shards)})")
+                f"rows={m.num_rows}, num_outputs={m.num_outputs}, k={m.k}, dtype={m.dtype}, "
+                f"shards={len(m.shards)})")

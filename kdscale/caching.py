@@ -1,0 +1,231 @@
+"""`kdscale cache`: every process runs the teacher over its shards of the training data and
+writes them; the main process then writes the manifest. Rerunning the same command after a
+crash skips the finished shards.
+
+    accelerate launch --multi_gpu --num_processes 2 -m kdscale cache --config exp.yaml
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoConfig
+
+from kdscale.cache import (
+    CacheError,
+    clear_partial,
+    finalize_cache,
+    finished_shards,
+    read_manifest,
+    write_shard,
+)
+from kdscale.cache.format import MANIFEST_NAME
+from kdscale.cache.plan import ShardPlan, plan_id, plan_shards
+from kdscale.config import Config
+from kdscale.data import PaddingCollator, TaskData, check_sources, prepare
+from kdscale.models import checkpoint_sha256, load_tokenizer, tokenizer_sha256
+from kdscale.teacher import (
+    TeacherRunner,
+    choose_placement,
+    compute_dtype,
+    deepspeed_config,
+    free_memory_per_process,
+    parameter_count,
+)
+from kdscale.train import process_state
+
+
+@dataclass
+class CacheJob:
+    """What every process agrees on before the first forward."""
+    config: Config
+    data: TaskData
+    plan: ShardPlan
+    plan_id: str
+    meta: dict  # manifest fields: kind, num_outputs, k, dtype, teacher, tokenizer, data
+    pad_token_id: int
+
+
+def run_cache(config: Config) -> None:
+    check_sources(config.data)
+    state = process_state()
+    job = plan_job(config, state)
+    if _cache_is_complete(job):
+        state.print(f"cache {config.cache_dir} is complete for this teacher and data; "
+                    f"nothing to do")
+        return
+    if state.is_main_process:
+        _prepare_directory(job)
+    state.wait_for_everyone()
+    done = finished_shards(config.cache_dir, job.plan_id)
+    mine = [s for s in job.plan.shards_of(state.process_index, state.num_processes)
+            if s not in done]
+    state.print(f"{len(job.plan.shards)} shards of {config.cache.shard_rows} rows, "
+                f"{len(done)} already finished; {state.num_processes} process(es)")
+    runner = load_runner(config, state)
+    stats = write_shards(job, runner, mine, state)
+    state.wait_for_everyone()
+    all_stats = _gather(stats, state)
+    if state.is_main_process:
+        manifest = finalize_cache(config.cache_dir, num_shards=len(job.plan.shards),
+                                  plan_id=job.plan_id, **job.meta)
+        report_numbers(job, manifest, all_stats, runner)
+    state.wait_for_everyone()
+
+
+def plan_job(config: Config, state) -> CacheJob:
+    tokenizer = load_tokenizer(config.teacher_dir)
+    teacher_config = AutoConfig.from_pretrained(str(config.teacher_dir))
+    labels = [str(teacher_config.id2label[i]) for i in range(teacher_config.num_labels)]
+    with state.main_process_first():  # one process tokenizes; the rest read its cache files
+        data = prepare(config.data, tokenizer, "train", labels)
+    cache = config.cache
+    meta = {"kind": cache.kind, "num_outputs": teacher_config.num_labels,
+            "k": cache.k if cache.kind == "topk" else None, "dtype": cache.dtype,
+            "teacher": {"name": str(config.teacher_dir),
+                        "weights_sha256": checkpoint_sha256(config.teacher_dir)},
+            "tokenizer_sha256": tokenizer_sha256(tokenizer),
+            "data_fingerprint": data.fingerprint}
+    if meta["k"] is not None and meta["k"] > meta["num_outputs"]:
+        raise CacheError(f"cache.k: expected at most the teacher's {meta['num_outputs']} "
+                         f"outputs, got {meta['k']}")
+    plan = plan_shards([len(ids) for ids in data.dataset["input_ids"]], cache.shard_rows)
+    identity = plan_id(shard_rows=cache.shard_rows, **meta)
+    return CacheJob(config, data, plan, identity, meta, tokenizer.pad_token_id)
+
+
+def _cache_is_complete(job: CacheJob) -> bool:
+    directory = job.config.cache_dir
+    if not (directory / MANIFEST_NAME).is_file():
+        return False
+    manifest = read_manifest(directory)
+    same = (manifest.data_fingerprint == job.meta["data_fingerprint"]
+            and manifest.teacher.get("weights_sha256") == job.meta["teacher"]["weights_sha256"]
+            and manifest.tokenizer_sha256 == job.meta["tokenizer_sha256"]
+            and (manifest.kind, manifest.k, manifest.dtype)
+            == (job.meta["kind"], job.meta["k"], job.meta["dtype"]))
+    if not same and not job.config.cache.overwrite:
+        raise CacheError(f"cache {directory} holds logits of another teacher, data or "
+                         f"settings; set --cache.overwrite true to replace it, or choose "
+                         f"another --cache.dir")
+    return same
+
+
+def _prepare_directory(job: CacheJob) -> None:
+    """Start clean where the directory holds another cache, complete or partial."""
+    directory = job.config.cache_dir
+    directory.mkdir(parents=True, exist_ok=True)
+    if (directory / MANIFEST_NAME).is_file():  # a complete cache of another plan
+        clear_partial(directory)
+    try:
+        finished_shards(directory, job.plan_id)
+    except CacheError:  # shards of another plan; refused unless overwrite
+        if not job.config.cache.overwrite:
+            raise
+        clear_partial(directory)
+
+
+def load_runner(config: Config, state) -> TeacherRunner:
+    dtype = compute_dtype(config.teacher.precision)
+    num_params = parameter_count(config.teacher_dir)
+    weight_bytes = num_params * torch.finfo(dtype).bits // 8
+    local_processes = state.num_processes // max(_num_machines(), 1)
+    placement = choose_placement(config.teacher.placement, weight_bytes,
+                                 free_memory_per_process(local_processes), state.num_processes)
+    state.print(f"teacher placement: {placement.name} ({placement.reason})")
+    ds_config = None
+    if placement.name != "replicate":
+        hidden = AutoConfig.from_pretrained(str(config.teacher_dir)).hidden_size
+        ds_config = deepspeed_config(config.teacher, placement.name, config.cache.batch_size,
+                                     dtype, hidden)
+    runner = TeacherRunner(config.teacher_dir, placement.name, dtype, ds_config)
+    runner.num_params = num_params
+    return runner
+
+
+def _num_machines() -> int:
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return world // local if local else 1
+
+
+def write_shards(job: CacheJob, runner: TeacherRunner, shards: list[int], state) -> dict:
+    """Run the teacher over this process's shards; every process runs the same number of
+    forwards (ZeRO-3 gathers each layer from all of them), padding with a repeat batch."""
+    batch_size = job.config.cache.batch_size
+    steps = [(s, b) for s in shards for b in job.plan.batches(s, batch_size)]
+    total = len(steps)
+    if runner.placement != "replicate":
+        total = _max_over_processes(total, state)
+    collate = PaddingCollator(job.pad_token_id)
+    progress = _progress(total * job.config.cache.batch_size, state)
+    start, rows_done, pending = time.perf_counter(), 0, {}
+    for step in range(total):
+        if step >= len(steps):
+            runner.logits(collate(job.data.rows(job.plan.shards[0][:1])))  # lockstep only
+            continue
+        shard, batch_rows = steps[step]
+        batch = collate(job.data.rows(batch_rows))
+        pending.setdefault(shard, []).append((batch["example_id"], runner.logits(batch)))
+        rows_done += len(batch_rows)
+        progress.update(len(batch_rows) * state.num_processes)
+        if sum(len(ids) for ids, _ in pending[shard]) == len(job.plan.shards[shard]):
+            _write(job, shard, pending.pop(shard))
+    progress.close()
+    seconds = time.perf_counter() - start
+    return {"rank": state.process_index, "examples": rows_done, "seconds": round(seconds, 3),
+            "params_held": runner.params_held}
+
+
+def _write(job: CacheJob, shard: int, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    ids = torch.cat([p[0] for p in parts])
+    logits = torch.cat([p[1] for p in parts])  # (rows, num_outputs)
+    meta = job.meta
+    common = {"example_ids": ids, "dtype": meta["dtype"], "num_outputs": meta["num_outputs"],
+              "k": meta["k"], "plan_id": job.plan_id}
+    if meta["kind"] == "topk":
+        values, indices = logits.topk(meta["k"], dim=-1)
+        write_shard(job.config.cache_dir, shard, values=values, indices=indices.int(), **common)
+    else:
+        write_shard(job.config.cache_dir, shard, logits=logits, **common)
+
+
+def _max_over_processes(value: int, state) -> int:
+    if state.num_processes == 1:
+        return value
+    tensor = torch.tensor([value], device=state.device)
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return int(tensor.item())
+
+
+def _gather(stats: dict, state) -> list[dict]:
+    if state.num_processes == 1:
+        return [stats]
+    gathered = [None] * state.num_processes
+    torch.distributed.all_gather_object(gathered, stats)
+    return gathered
+
+
+def _progress(total: int, state):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="teacher logits", unit="ex", disable=not state.is_main_process)
+
+
+def report_numbers(job: CacheJob, manifest, stats: list[dict], runner: TeacherRunner) -> None:
+    on_disk = sum(s["bytes"] for s in manifest.shards)
+    rows = manifest.num_examples
+    print(f"cache {job.config.cache_dir}: {rows} examples in {len(manifest.shards)} shards, "
+          f"{on_disk / 2**20:.2f} MiB on disk, {on_disk / max(rows, 1):.1f} bytes/example")
+    for s in stats:
+        rate = s["examples"] / s["seconds"] if s["seconds"] else 0.0
+        print(f"  rank {s['rank']}: {s['examples']} examples in {s['seconds']:.1f} s "
+              f"({rate:.1f} ex/s), holds {s['params_held']:,} of {runner.num_params:,} "
+              f"teacher parameters")
+    build = {"placement": runner.placement, "num_params": runner.num_params,
+             "world_size": len(stats), "ranks": stats}
+    (job.config.cache_dir / "build.json").write_text(json.dumps(build, indent=1))
