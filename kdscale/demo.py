@@ -20,7 +20,8 @@ import yaml
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from kdscale.config import Config, config_from_dict, to_dict
+from kdscale import configs
+from kdscale.config import Config, config_from_dict, read_yaml, to_dict
 from kdscale.teacher import free_port
 
 SUBJECTS = ["the movie", "this film", "the plot", "the acting", "the soundtrack", "the script",
@@ -100,28 +101,22 @@ def build_demo_tokenizer() -> PreTrainedTokenizerFast:
         model_input_names=["input_ids", "token_type_ids", "attention_mask"])
 
 
-def demo_config(output_dir: str, overrides: dict | None = None) -> Config:
-    """The demo's experiment: a 4-layer teacher trained from scratch, a 2-layer student."""
-    data_dir = Path(output_dir) / "data"
-    raw = {
-        "output_dir": output_dir,
-        "teacher": {
-            "tokenizer": str(data_dir / "tokenizer"),
-            "placement": "zero3",  # what a BERT-large teacher on a cluster would use
-            "config": {"vocab_size": len(demo_vocabulary()), "hidden_size": 128,
-                       "num_hidden_layers": 4, "num_attention_heads": 4,
-                       "intermediate_size": 512, "max_position_embeddings": 64},
-        },
-        "student": {"layers": "every_other"},
-        "cache": {"shard_rows": 1024, "batch_size": 128},
-        "data": {"train_file": str(data_dir / "train.jsonl"),
-                 "eval_file": str(data_dir / "dev.jsonl"), "max_length": 64},
-        "loss": {"temperature": 2.0, "alpha": 0.7},
-        "finetune": {"epochs": 6, "batch_size": 32, "learning_rate": 5e-4, "log_every": 25},
-        "distill": {"epochs": 4, "batch_size": 32, "learning_rate": 5e-4, "log_every": 25},
-        "eval": {"batch_size": 64, "latency_batches": 20},
-    }
+DEMO_ROOT = "runs/demo"  # where configs/demo.yaml puts its files
+
+
+def demo_config(output_dir: str = DEMO_ROOT, overrides: dict | None = None) -> Config:
+    """configs/demo.yaml with its paths moved under `output_dir`, then `overrides`."""
+    raw = read_yaml(configs.path("demo.yaml"))
+    raw = _reroot(raw, DEMO_ROOT, str(output_dir))
     return config_from_dict(_merge(raw, overrides or {}))
+
+
+def _reroot(raw, old: str, new: str):
+    if isinstance(raw, dict):
+        return {key: _reroot(value, old, new) for key, value in raw.items()}
+    if isinstance(raw, str) and (raw == old or raw.startswith(old + "/")):
+        return new + raw[len(old):]
+    return raw
 
 
 def _merge(base: dict, extra: dict) -> dict:
