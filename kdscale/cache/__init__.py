@@ -6,7 +6,8 @@ processes write one cache.
 
 from kdscale.cache.collator import TeacherLogitsCollator
 from kdscale.cache.format import CacheError, CacheManifest, CacheMismatchError, read_manifest
-from kdscale.cache.reader import LogitCache, TopK, finished_shards
+from kdscale.cache.reader import LogitCache, TopK
+from kdscale.cache.sidecar import finished_shards
 from kdscale.cache.writer import CacheWriter, clear_partial, finalize_cache, write_shard
 
 __all__ = [

@@ -22,24 +22,23 @@ While a cache is being written, a shard is finished once its sidecar `shard-0000
 ({"file", "index", "rows", "examples", "sha256", "bytes", "plan_id"}) is written after it: a
 resumed run trusts the sidecar, never a bare shard. `finalize_cache` copies the sidecars into the
 manifest and removes them. The plan id names the data, teacher, settings and shard assignment,
-so a rerun never mixes its shards with another plan's.
+so a rerun never mixes its shards with another plan's (see `kdscale.cache.sidecar`).
 
 Raw logits are stored; the temperature is chosen at distill time. The manifest records what the
 logits were computed from (teacher, tokenizer, data fingerprint, masking recipe), so that a reader
 can refuse a cache that does not match, and every shard's name, rows, examples, size and sha256.
 
 Every file is written under a temporary name in the same directory, fsynced, then renamed over
-its final name, so a crash never leaves a half-written file under a final name.
+its final name, so a crash never leaves a half-written file under a final name (see
+`kdscale.cache.files`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +59,7 @@ DTYPES = {
 # The patterns double as a path-traversal guard: a manifest can only name files in its directory.
 SHARD_RE = re.compile(r"shard-(\d{5,})\.safetensors")
 SIDECAR_RE = re.compile(r"shard-(\d{5,})\.json")
-# write_bytes_atomic's temporary names: ".<final name>.<random>.tmp"
+# files.write_bytes_atomic's temporary names: ".<final name>.<random>.tmp"
 TMP_RE = re.compile(r"\.(?:shard-\d{5,}\.(?:safetensors|json)|manifest\.json)\.\w+\.tmp")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _REBUILD = "rebuild it with `kdscale cache`"
@@ -204,58 +203,6 @@ def _validate_shard(field: str, index: int, shard: Any, kind: str) -> None:
     _check(is_int(shard["bytes"], 8), f"{field}.bytes", "an integer >= 8", shard["bytes"])
     _check(isinstance(shard["sha256"], str) and _SHA256_RE.fullmatch(shard["sha256"]) is not None,
            f"{field}.sha256", "64 lowercase hex digits", shard["sha256"])
-
-
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` so that readers see either the old file or the whole new one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, _FILE_MODE)  # mkstemp makes 0600; a cache is meant to be shared
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _default_file_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-_FILE_MODE = _default_file_mode()
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    write_bytes_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())
-
-
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename itself durable; not every platform lets a directory be opened.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 23) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_manifest(directory: str | os.PathLike) -> CacheManifest:

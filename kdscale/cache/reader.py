@@ -3,14 +3,13 @@
 The layout is described in `kdscale.cache.format`. Opening a cache reads the manifest, checks
 that every shard exists with its recorded size, parses each shard's safetensors header and reads
 only its small id tensors. Logits are never loaded whole: each tensor's data region is mapped
-with `np.memmap`, so a lookup touches only the pages of the rows it returns. `finished_shards`
-reads the state of a cache still being written.
+with `np.memmap`, so a lookup touches only the pages of the rows it returns. A cache still being
+written has no manifest and is not readable here; `kdscale.cache.sidecar` reads its state.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections import OrderedDict
 from pathlib import Path
@@ -19,81 +18,21 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from kdscale.cache.files import sha256_file
 from kdscale.cache.format import (
     DTYPES,
-    MANIFEST_NAME,
-    OVERWRITE,
-    SIDECAR_RE,
     CacheError,
     CacheManifest,
     CacheMismatchError,
     read_header,
     read_manifest,
-    sha256_file,
-    shard_file_name,
-    shard_index,
-    shard_plan_id,
-    sidecar_name,
 )
 
 # safetensors dtype code -> numpy dtype; bfloat16 has none, so it is mapped as raw uint16
 _NP_DTYPES = {"F16": np.float16, "F32": np.float32, "BF16": np.uint16, "I32": np.int32,
               "I64": np.int64}
 _REBUILD = "rebuild the cache with `kdscale cache`"
-_SIDECAR_KEYS = ("file", "index", "rows", "examples", "sha256", "bytes", "plan_id")
 MAX_OPEN_MAPS = 256
-
-
-# -- a cache being written ---------------------------------------------------------------------
-
-
-def finished_shards(directory: str | os.PathLike, plan_id: str) -> dict[int, dict[str, Any]]:
-    """{index: sidecar} of this plan's finished shards: sidecar present, file of its size.
-
-    Raises CacheError when the directory holds a complete cache, or shards of another plan: a
-    rerun must never mix its shards with those of other data, another teacher or other settings.
-    """
-    directory = Path(directory)
-    if not directory.is_dir():
-        return {}
-    if (directory / MANIFEST_NAME).is_file():
-        raise CacheError(f"{directory} already holds a complete logit cache; {OVERWRITE}")
-    finished, foreign = {}, []
-    for path in sorted(directory.iterdir()):
-        if (i := shard_index(path.name, SIDECAR_RE)) is not None:
-            sidecar = _read_sidecar(path)
-            if sidecar is not None and sidecar["plan_id"] != plan_id:
-                foreign.append(path.name)
-            elif sidecar is not None and _matches_file(directory, i, sidecar):
-                finished[i] = sidecar
-        elif (i := shard_index(path.name)) is not None:
-            # A shard without a sidecar is unfinished if it is ours; its header says whose it is.
-            if not (directory / sidecar_name(i)).exists() and shard_plan_id(path) != plan_id:
-                foreign.append(path.name)
-    if foreign:
-        raise CacheError(
-            f"{directory} holds a partial cache of a different plan (different data, teacher "
-            f"or settings), e.g. {', '.join(foreign[:3])}; {OVERWRITE}")
-    return finished
-
-
-def _read_sidecar(path: Path) -> dict[str, Any] | None:
-    # Sidecars are written atomically, so an unreadable one is debris: it marks nothing finished.
-    try:
-        sidecar = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    ok = isinstance(sidecar, dict) and all(key in sidecar for key in _SIDECAR_KEYS)
-    return sidecar if ok and isinstance(sidecar["plan_id"], str) else None
-
-
-def _matches_file(directory: Path, index: int, sidecar: dict[str, Any]) -> bool:
-    path = directory / shard_file_name(index)
-    return (sidecar["file"] == path.name and sidecar["index"] == index and path.is_file()
-            and path.stat().st_size == sidecar["bytes"])
-
-
-# -- a complete cache --------------------------------------------------------------------------
 
 
 class Shards(NamedTuple):

@@ -4,7 +4,8 @@ The layout is described in `kdscale.cache.format`. In a distributed job every ra
 `write_shard` for the shards a planner gave it, skipping those in `finished_shards`; after all
 ranks are done one process calls `finalize_cache`, which writes the manifest. A rank killed at any
 point leaves at worst a shard without its sidecar, which a rerun writes again. `CacheWriter` is
-the single-process, streaming form of the same steps.
+the single-process, streaming form of the same steps. Rows are checked in `kdscale.cache.rows`
+before anything is written; sidecars are written and read in `kdscale.cache.sidecar`.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from typing import Any
 import safetensors.torch
 import torch
 
+from kdscale.cache.files import write_bytes_atomic, write_json_atomic
 from kdscale.cache.format import (
-    DTYPES,
     MANIFEST_NAME,
     OVERWRITE,
     SHARD_RE,
@@ -32,121 +33,10 @@ from kdscale.cache.format import (
     is_int,
     shard_file_name,
     shard_metadata,
-    sidecar_name,
-    write_bytes_atomic,
-    write_json_atomic,
 )
-from kdscale.cache.reader import finished_shards, open_shards
-
-
-def shard_tensors(example_ids: Any, logits: Any, values: Any, indices: Any, positions: Any,
-                  empty_ids: Any, *, dtype: str, num_outputs: int,
-                  k: int | None) -> dict[str, torch.Tensor]:
-    """The tensors of a shard (layout in `kdscale.cache.format`), cast to the cache dtype;
-    CacheError, before anything is written, for anything a reader or the loss could not use."""
-    if (logits is None) == (values is None and indices is None):
-        raise CacheError("a shard takes logits (dense), or values and indices (topk, with "
-                         "positions for one row per masked position): one of the two")
-    kind = "dense" if logits is not None else "topk"
-    check_settings(kind, num_outputs, k, dtype, where="cache setting")
-    ids = _int_vector("example_ids", example_ids)
-    if kind == "dense":
-        if positions is not None or empty_ids is not None:
-            raise CacheError("positions and empty_ids belong to a topk shard, not a dense one")
-        logits = _rows("logits", logits, len(ids), num_outputs, "num_outputs")
-        out = {"logits": _to_storage("logits", logits, ids, dtype)}
-    else:
-        out = _topk(ids, values, indices, dtype, num_outputs, k)
-    if positions is None and empty_ids is None:
-        _refuse_repeats(ids, "each example is cached once (drop padded duplicates by id)")
-    else:
-        out |= _per_position(ids, positions, empty_ids)
-    return {"example_ids": ids, **out}
-
-
-def _int_vector(name: str, x: Any) -> torch.Tensor:
-    t = torch.as_tensor(x).detach().cpu()
-    if t.dim() == 1 and t.numel() == 0:
-        return t.to(torch.int64)  # torch.as_tensor([]) is float32
-    if t.dim() != 1 or t.dtype.is_floating_point or t.dtype == torch.bool:
-        raise CacheError(f"{name}: expected a 1-D integer tensor, got {t.dtype} of shape "
-                         f"{tuple(t.shape)}")
-    return t.to(torch.int64)
-
-
-def _rows(name: str, t: Any, n: int, width: int, what: str) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor) or t.dim() != 2:
-        raise CacheError(f"{name}: expected a 2-D tensor [rows, {what}]")
-    if t.shape[0] != n:
-        raise CacheError(f"{name} has {t.shape[0]} rows but example_ids has {n}")
-    if t.shape[1] != width:
-        raise CacheError(f"{name} has {t.shape[1]} columns, expected {what}={width}")
-    return t.detach().cpu()
-
-
-def _to_storage(name: str, x: torch.Tensor, ids: torch.Tensor, dtype: str,
-                valid: torch.Tensor | None = None) -> torch.Tensor:
-    """Casts to the cache dtype; refuses NaN/inf before and after (fp16 overflows at 65504)."""
-    if not x.dtype.is_floating_point:
-        raise CacheError(f"{name}: expected a floating-point tensor, got {x.dtype}")
-    stored = x.to(DTYPES[dtype][0]).contiguous()
-    _refuse_nonfinite(name, x, ids, valid, "are not finite",
-                      "the teacher produced NaN or inf (check its weights and inputs)")
-    _refuse_nonfinite(name, stored, ids, valid, f"overflow {dtype}", "store the cache as float32")
-    return stored
-
-
-def _refuse_nonfinite(name: str, t: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor | None,
-                      what: str, remedy: str) -> None:
-    bad = ~torch.isfinite(t) if valid is None else ~torch.isfinite(t) & valid
-    rows = bad.any(dim=1)
-    if rows.any():
-        bad_ids = ids[rows].unique_consecutive().tolist()  # per-position rows repeat their id
-        raise CacheError(f"teacher {name} {what} for example ids {few(bad_ids)} "
-                         f"({int(rows.sum())} rows); {remedy}")
-
-
-def _topk(ids: torch.Tensor, values: Any, indices: Any, dtype: str, num_outputs: int,
-          k: int) -> dict[str, torch.Tensor]:
-    values = _rows("values", values, len(ids), k, "k")
-    indices = _rows("indices", indices, len(ids), k, "k")
-    if indices.dtype.is_floating_point or indices.dtype == torch.bool:
-        raise CacheError(f"indices: expected an integer tensor, got {indices.dtype}")
-    out_of_range = (indices < -1) | (indices >= num_outputs)
-    if out_of_range.any():
-        raise CacheError(f"indices: {indices[out_of_range][0].item()} is outside "
-                         f"[0, num_outputs={num_outputs}) and is not -1 (padding)")
-    # Padding slots may hold anything (often -inf); the loss masks them by index.
-    stored = _to_storage("top-k values", values, ids, dtype, valid=indices >= 0)
-    return {"values": stored, "indices": indices.to(torch.int32).contiguous()}
-
-
-def _per_position(ids: torch.Tensor, positions: Any, empty_ids: Any) -> dict[str, torch.Tensor]:
-    if positions is None:
-        raise CacheError("empty_ids belongs to a per-position topk shard: give positions too")
-    pos = _int_vector("positions", positions)
-    if len(pos) != len(ids):
-        raise CacheError(f"positions has {len(pos)} rows but example_ids has {len(ids)}")
-    if len(pos) and (pos.min() < 0 or pos.max() > torch.iinfo(torch.int32).max):
-        raise CacheError("positions: expected token positions in [0, 2**31)")
-    runs, counts = torch.unique_consecutive(ids, return_counts=True)
-    empty = _int_vector("empty_ids", [] if empty_ids is None else empty_ids)
-    examples = torch.cat([runs, empty])
-    _refuse_repeats(examples, "the rows of an example must be contiguous, and an example with "
-                              "rows must not be in empty_ids")
-    counts = torch.cat([counts, torch.zeros(len(empty), dtype=counts.dtype)])
-    return {"positions": pos.to(torch.int32), "examples": examples,
-            "counts": counts.to(torch.int32)}
-
-
-def _refuse_repeats(ids: torch.Tensor, why: str) -> None:
-    uniq, counts = torch.unique(ids, return_counts=True)
-    if (counts > 1).any():
-        raise CacheError(f"example id {uniq[counts > 1][0].item()} appears twice in one "
-                         f"shard; {why}")
-
-
-# -- writing shards ---------------------------------------------------------------------------
+from kdscale.cache.reader import open_shards
+from kdscale.cache.rows import shard_tensors
+from kdscale.cache.sidecar import finished_shards, remove_sidecar, write_sidecar
 
 
 def write_shard(
@@ -170,16 +60,12 @@ def write_shard(
     if (directory / MANIFEST_NAME).is_file():
         raise CacheError(f"{directory} already holds a complete logit cache; {OVERWRITE}")
     directory.mkdir(parents=True, exist_ok=True)
-    # A rewrite must not look finished under the old sidecar while the new file lands.
-    (directory / sidecar_name(index)).unlink(missing_ok=True)
+    remove_sidecar(directory, index)
     data = safetensors.torch.save(tensors, metadata=shard_metadata(plan_id, index))
     write_bytes_atomic(directory / shard_file_name(index), data)
     examples = tensors.get("examples", tensors["example_ids"])
-    sidecar = {"file": shard_file_name(index), "index": index,
-               "rows": len(tensors["example_ids"]), "examples": len(examples),
-               "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), "plan_id": plan_id}
-    write_json_atomic(directory / sidecar_name(index), sidecar)
-    return sidecar
+    return write_sidecar(directory, index, data, rows=len(tensors["example_ids"]),
+                         examples=len(examples), plan_id=plan_id)
 
 
 def clear_partial(directory: str | os.PathLike) -> None:
