@@ -27,6 +27,7 @@ from kdscale.cache.format import MANIFEST_NAME
 from kdscale.cache.plan import ShardPlan, plan_id, plan_shards
 from kdscale.config import Config
 from kdscale.data import PaddingCollator, TaskData, check_sources, prepare
+from kdscale.distributed import process_state
 from kdscale.models import checkpoint_sha256, load_tokenizer, tokenizer_sha256
 from kdscale.teacher import (
     TeacherRunner,
@@ -36,7 +37,6 @@ from kdscale.teacher import (
     free_memory_per_process,
     parameter_count,
 )
-from kdscale.train import process_state
 
 
 @dataclass

@@ -90,6 +90,8 @@ class TrainConfig:
     max_steps: int | None = None  # stop early (quick runs); None trains all epochs
     log_every: int = 10
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    checkpoint_every: int | None = None  # optimizer steps between checkpoints; None: none
+    keep_checkpoints: int = 2  # the newest complete ones are kept
 
 
 @dataclass
@@ -304,6 +306,10 @@ def _validate_train(train: TrainConfig, section: str) -> None:
     _check(train.max_steps is None or train.max_steps > 0, f"{section}.max_steps",
            "an integer > 0 or null", train.max_steps)
     _check(train.log_every > 0, f"{section}.log_every", "an integer > 0", train.log_every)
+    _check(train.checkpoint_every is None or train.checkpoint_every > 0,
+           f"{section}.checkpoint_every", "an integer > 0 or null", train.checkpoint_every)
+    _check(train.keep_checkpoints > 0, f"{section}.keep_checkpoints", "an integer > 0",
+           train.keep_checkpoints)
 
 
 def _check(ok: bool, key: str, expected: str, got: Any) -> None:

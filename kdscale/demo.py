@@ -22,7 +22,7 @@ from transformers import PreTrainedTokenizerFast
 
 from kdscale import configs
 from kdscale.config import Config, config_from_dict, read_yaml, to_dict
-from kdscale.teacher import free_port
+from kdscale.distributed import free_port
 
 SUBJECTS = ["the movie", "this film", "the plot", "the acting", "the soundtrack", "the script",
             "the ending", "the cast", "the story", "this sequel", "the director", "the dialogue",
@@ -140,9 +140,9 @@ def run_demo(output_dir: str, overrides: list[str] | None = None) -> dict:
     """Generate the task, fine-tune a teacher, cache its logits, distill, evaluate, report."""
     from kdscale.config import parse_overrides, set_dotted
     from kdscale.distill import run_distill
+    from kdscale.distributed import process_state
     from kdscale.evaluation import run_eval
     from kdscale.finetune import run_finetune
-    from kdscale.train import process_state
 
     extra = {"cache": {"overwrite": True}}  # the demo owns its output directory
     for key, value in parse_overrides(overrides or []):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from kdscale.cache import LogitCache
 from kdscale.cache.collator import TeacherLogitsCollator
 from kdscale.config import Config
 from kdscale.data import PaddingCollator, check_sources, make_loader, prepare
+from kdscale.distributed import make_accelerator
 from kdscale.losses import KDLoss
 from kdscale.models import (
     checkpoint_sha256,
@@ -19,13 +22,14 @@ from kdscale.models import (
     student_from_teacher,
     tokenizer_sha256,
 )
-from kdscale.train import make_accelerator, model_inputs, save_model, train_loop
+from kdscale.train import model_inputs, save_model, train_loop
 
 
 def kd_step(loss: KDLoss):
     def step(model: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         logits = model(**model_inputs(batch)).logits
-        return loss.parts(logits, batch["teacher_logits"].float(), batch["labels"])
+        return loss.parts(logits, batch["teacher_logits"].float(), batch["labels"],
+                          reduction="sum")
     return step
 
 
@@ -47,10 +51,12 @@ def run_distill(config: Config) -> None:
     student = student_from_teacher(teacher, layers)
     del teacher  # only its layers were needed; the cache stands in for its outputs
     collate = TeacherLogitsCollator(PaddingCollator(tokenizer.pad_token_id), cache)
-    loader = make_loader(train, config.distill.batch_size, collate, shuffle=True, seed=config.seed)
+    global_batch = config.distill.batch_size * accelerator.num_processes
+    loader = make_loader(train, global_batch, collate, shuffle=True, seed=config.seed)
     loss = KDLoss(config.loss.temperature, config.loss.alpha)
     accelerator.print(f"student: teacher layers {layers}, KDLoss({loss.extra_repr()})")
     student, history = train_loop(student, loader, kd_step(loss), config.distill, accelerator,
-                                  desc="distill student")
+                                  desc="distill student",
+                                  checkpoints=Path(config.output_dir) / "checkpoints" / "distill")
     save_model(accelerator, student, tokenizer, config.student_dir, history)
     accelerator.print(f"student saved to {config.student_dir}")

@@ -10,9 +10,10 @@ import torch
 
 from kdscale.config import Config
 from kdscale.data import PaddingCollator, check_sources, make_loader, prepare
+from kdscale.distributed import process_state
 from kdscale.models import count_parameters, label_names, load_classifier, load_tokenizer
 from kdscale.report import build_report, print_table, write_report
-from kdscale.train import model_inputs, process_state
+from kdscale.train import model_inputs
 
 
 @torch.inference_mode()

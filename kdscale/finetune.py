@@ -8,13 +8,16 @@ import torch
 
 from kdscale.config import Config, ConfigError
 from kdscale.data import PaddingCollator, check_sources, make_loader, prepare
+from kdscale.distributed import make_accelerator
 from kdscale.models import load_teacher, load_tokenizer, num_layers_of, resolve_layers
-from kdscale.train import make_accelerator, model_inputs, save_model, train_loop
+from kdscale.train import model_inputs, save_model, train_loop
 
 
 def cross_entropy_step(model: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:
     logits = model(**model_inputs(batch)).logits
-    return {"loss": torch.nn.functional.cross_entropy(logits.float(), batch["labels"])}
+    # A sum over the batch's rows: the training loop divides by the step's row count.
+    return {"loss": torch.nn.functional.cross_entropy(logits.float(), batch["labels"],
+                                                      reduction="sum")}
 
 
 def check_teacher_inputs(config: Config) -> None:
@@ -37,9 +40,11 @@ def run_finetune(config: Config) -> None:
     teacher = load_teacher(config.teacher, train.num_labels)
     teacher.config.id2label = dict(enumerate(train.label_names))
     teacher.config.label2id = {name: i for i, name in enumerate(train.label_names)}
-    loader = make_loader(train, config.finetune.batch_size, PaddingCollator(tokenizer.pad_token_id),
+    global_batch = config.finetune.batch_size * accelerator.num_processes
+    loader = make_loader(train, global_batch, PaddingCollator(tokenizer.pad_token_id),
                          shuffle=True, seed=config.seed)
     teacher, history = train_loop(teacher, loader, cross_entropy_step, config.finetune,
-                                  accelerator, desc="finetune teacher")
+                                  accelerator, desc="finetune teacher",
+                                  checkpoints=Path(config.output_dir) / "checkpoints" / "finetune")
     save_model(accelerator, teacher, tokenizer, config.teacher_dir, history)
     accelerator.print(f"teacher saved to {config.teacher_dir}")

@@ -27,13 +27,15 @@ class KDLoss(torch.nn.Module):
                        ignore_index=self.ignore_index)
 
     def parts(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-              labels: torch.Tensor) -> dict[str, torch.Tensor]:
+              labels: torch.Tensor, reduction: str = "mean") -> dict[str, torch.Tensor]:
         """The total loss and, for logging, its soft (T^2 * KL) and hard (CE) terms."""
-        kwargs = {"temperature": self.temperature, "ignore_index": self.ignore_index}
+        kwargs = {"temperature": self.temperature, "ignore_index": self.ignore_index,
+                  "reduction": reduction}
         with torch.no_grad():
             soft = kd_loss(student_logits, teacher_logits, labels, alpha=1.0, **kwargs)
             hard = kd_loss(student_logits, teacher_logits, labels, alpha=0.0, **kwargs)
-        return {"loss": self(student_logits, teacher_logits, labels), "soft": soft, "hard": hard}
+        loss = kd_loss(student_logits, teacher_logits, labels, alpha=self.alpha, **kwargs)
+        return {"loss": loss, "soft": soft, "hard": hard}
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, alpha={self.alpha}"

@@ -21,6 +21,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from kdscale import configs
 from kdscale.config import ConfigError, TeacherConfig
+from kdscale.distributed import free_port
 
 DEEPSPEED_CONFIGS = {"zero3": "deepspeed/teacher_zero3.json",
                      "zero3_offload": "deepspeed/teacher_zero3_offload.json"}
@@ -152,11 +153,3 @@ def _ensure_process_group() -> None:
         os.environ.setdefault(key, value)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     torch.distributed.init_process_group(backend=backend)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -1,60 +1,44 @@
-"""The Accelerate training loop, shared by teacher fine-tuning and student distillation."""
+"""The Accelerate training loop, shared by teacher fine-tuning and student distillation.
+
+A loss function returns sums over its valid rows (`loss` plus any parts to log). The loop
+divides by the number of valid rows in the whole optimizer step (every micro-batch of the
+accumulation window, on every process), not per micro-batch: a step's gradient is that of
+the mean over all its rows, whatever the accumulation and the number of processes.
+"""
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Callable
+from itertools import islice
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, PartialState
-from accelerate.utils import set_seed
+from accelerate import Accelerator
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from kdscale.config import TrainConfig
+from kdscale.checkpoint import Progress, complete_checkpoints, load_checkpoint, save_checkpoint
+from kdscale.config import ConfigError, TrainConfig
+from kdscale.distributed import reduce_sum
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+IGNORE_INDEX = -100
 LossFn = Callable[[torch.nn.Module, dict], dict[str, torch.Tensor]]
-
-
-def process_state() -> PartialState:
-    """This process's place in the launch; the process group is created on first call.
-    Without CUDA, Accelerate must be told both `cpu=True` and gloo: otherwise several
-    launched processes each train alone (distributed type NO, no gradient all-reduce)."""
-    if torch.cuda.is_available():
-        return PartialState()
-    if launched_distributed():
-        return PartialState(cpu=True, backend="gloo")
-    return PartialState(cpu=True)
-
-
-def make_accelerator(train: TrainConfig, seed: int) -> Accelerator:
-    process_state()  # the Accelerator joins the process group created there
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
-                              mixed_precision=train.mixed_precision,
-                              gradient_accumulation_steps=train.gradient_accumulation_steps)
-    set_seed(seed)
-    return accelerator
-
-
-def launched_distributed() -> bool:
-    """Started by a launcher with more than one process (`accelerate launch`, torchrun)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def model_inputs(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k in MODEL_INPUTS}
 
 
-def total_optimizer_steps(train: TrainConfig, batches_per_epoch: int, num_processes: int) -> int:
-    """Optimizer steps of the run; each process sees 1/num_processes of the batches (the last
-    ones padded by Accelerate so every process steps the same number of times)."""
-    batches_per_process = math.ceil(batches_per_epoch / num_processes)
-    steps = math.ceil(train.epochs * batches_per_process / train.gradient_accumulation_steps)
+def valid_rows(batch: dict) -> torch.Tensor:
+    return (batch["labels"] != IGNORE_INDEX).sum()
+
+
+def total_optimizer_steps(train: TrainConfig, steps_per_epoch: int) -> int:
+    steps = math.ceil(train.epochs * steps_per_epoch)
     return min(steps, train.max_steps) if train.max_steps else steps
 
 
@@ -70,73 +54,118 @@ def make_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.Op
 
 
 def train_loop(model: torch.nn.Module, loader: torch.utils.data.DataLoader, loss_fn: LossFn,
-               train: TrainConfig, accelerator: Accelerator, desc: str
-               ) -> tuple[torch.nn.Module, list[dict]]:
-    """Train `model` on `loader` with `loss_fn(model, batch) -> {"loss": ..., other parts}`.
-    Returns the prepared model and the logged history (one record per `log_every` steps)."""
-    total_steps = total_optimizer_steps(train, len(loader), accelerator.num_processes)
+               train: TrainConfig, accelerator: Accelerator, desc: str,
+               checkpoints: Path | None = None) -> tuple[torch.nn.Module, list[dict]]:
+    """Train `model` on `loader` (global batches; see make_accelerator). With `checkpoints`,
+    save there every `train.checkpoint_every` steps and resume from the newest complete one.
+    Returns the prepared model and the logged history."""
+    accum = train.gradient_accumulation_steps
+    steps_per_epoch = len(loader) // accum  # an epoch's incomplete last window is dropped
+    if steps_per_epoch == 0:
+        raise ConfigError(f"{desc}: {len(loader)} batches per epoch cannot fill one "
+                          f"accumulation window of {accum}; lower gradient_accumulation_steps")
+    total_steps = total_optimizer_steps(train, steps_per_epoch)
     optimizer = make_optimizer(model, train)
-    # Accelerate steps a prepared scheduler once per process per optimizer step.
-    scheduler_steps = total_steps * accelerator.num_processes
     scheduler = get_linear_schedule_with_warmup(
-        optimizer, int(train.warmup_ratio * scheduler_steps), scheduler_steps)
+        optimizer, int(train.warmup_ratio * total_steps), total_steps)
     sampler = loader.batch_sampler
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
-    effective_batch = (train.batch_size * accelerator.num_processes
-                       * train.gradient_accumulation_steps)
-    accelerator.print(f"{desc}: {total_steps} optimizer steps, {accelerator.num_processes} "
-                      f"process(es) ({accelerator.distributed_type.value}), "
-                      f"effective batch {effective_batch}")
-    history, window, step, epoch = [], [], 0, 0
-    progress = tqdm(total=total_steps, desc=desc, disable=not accelerator.is_local_main_process)
-    start = time.perf_counter()
+    progress, history = Progress(), []
+    if checkpoints is not None and complete_checkpoints(checkpoints):
+        newest = complete_checkpoints(checkpoints)[-1]
+        progress, history = load_checkpoint(accelerator, newest)
+        accelerator.print(f"{desc}: resuming from {newest} (step {progress.step})")
+    _print_plan(accelerator, train, desc, total_steps, steps_per_epoch)
+    bar = tqdm(total=total_steps, initial=progress.step, desc=desc,
+               disable=not accelerator.is_local_main_process)
+    log_window, start = [], time.perf_counter()
     model.train()
-    while step < total_steps:
+    while progress.step < total_steps:
         if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
-        for batch in loader:
-            with accelerator.accumulate(model):
-                parts = loss_fn(model, batch)
-                accelerator.backward(parts["loss"])
-                if accelerator.sync_gradients and train.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), train.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            window.append({k: v.detach().float() for k, v in parts.items()})
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            progress.update(1)
-            if step % train.log_every == 0 or step == total_steps:
-                record = _log_record(window, accelerator, step, epoch, start)
-                progress.set_postfix(loss=f"{record['loss']:.4f}")
-                history.append(record)
-                window = []
-            if step >= total_steps:
+            sampler.set_epoch(progress.epoch)
+        batches = iter(accelerator.skip_first_batches(loader, progress.batches_in_epoch)
+                       if progress.batches_in_epoch else loader)
+        while progress.step < total_steps:
+            window = list(islice(batches, accum))
+            if len(window) < accum:
                 break
-        epoch += 1
-    progress.close()
+            log_window.append(optimizer_step(model, window, loss_fn, optimizer, scheduler,
+                                             accelerator, train))
+            progress.step += 1
+            progress.batches_in_epoch += accum
+            bar.update(1)
+            if progress.step % train.log_every == 0 or progress.step == total_steps:
+                record = _log_record(log_window, accelerator, progress, start, scheduler)
+                bar.set_postfix(loss=f"{record['loss']:.4f}")
+                history.append(record)
+                log_window = []
+            every = train.checkpoint_every
+            if checkpoints is not None and every and (progress.step % every == 0
+                                                      or progress.step == total_steps):
+                save_checkpoint(accelerator, checkpoints, progress, history,
+                                train.keep_checkpoints)
+        if progress.step < total_steps:  # the epoch ran out: start the next one
+            progress.epoch += 1
+            progress.batches_in_epoch = 0
+    bar.close()
     return model, history
 
 
-def _log_record(window: list[dict], accelerator: Accelerator, step: int, epoch: int,
-                start: float) -> dict:
-    """Mean of each loss part over the window and over processes (one sync per log line)."""
-    means = {k: torch.stack([w[k] for w in window]).mean() for k in window[0]}
-    means = {k: accelerator.reduce(v, reduction="mean").item() for k, v in means.items()}
-    return {"step": step, "epoch": epoch, "seconds": round(time.perf_counter() - start, 2),
-            **means}
+def _print_plan(accelerator: Accelerator, train: TrainConfig, desc: str, total_steps: int,
+                steps_per_epoch: int) -> None:
+    processes = accelerator.num_processes
+    effective = train.batch_size * processes * train.gradient_accumulation_steps
+    accelerator.print(f"{desc}: {total_steps} optimizer steps ({steps_per_epoch} per epoch), "
+                      f"{processes} process(es) ({accelerator.distributed_type.value}), "
+                      f"{train.batch_size} rows per process x {train.gradient_accumulation_steps}"
+                      f" accumulation = effective batch {effective}")
+
+
+def optimizer_step(model, window: list[dict], loss_fn: LossFn, optimizer, scheduler,
+                   accelerator: Accelerator, train: TrainConfig) -> dict[str, torch.Tensor]:
+    """One optimizer step over a window of micro-batches; returns this process's sums and
+    the step's global row count."""
+    rows = reduce_sum(accelerator, torch.stack([valid_rows(b) for b in window]).sum())
+    # Accelerate (or DeepSpeed) divides by the accumulation steps and the all-reduce averages
+    # over processes: undo both, so the gradient is that of sum(loss) / rows.
+    scale = len(window) * accelerator.num_processes / rows.clamp(min=1).float()
+    sums: dict[str, torch.Tensor] = {}
+    for batch in window:
+        with accelerator.accumulate(model):
+            parts = loss_fn(model, batch)
+            accelerator.backward(parts["loss"] * scale)
+            if accelerator.sync_gradients and train.max_grad_norm:
+                accelerator.clip_grad_norm_(model.parameters(), train.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+        for name, value in parts.items():
+            sums[name] = sums.get(name, 0.0) + value.detach().float()
+    return {**sums, "rows": rows.float()}
+
+
+def _log_record(window: list[dict], accelerator: Accelerator, progress: Progress,
+                start: float, scheduler) -> dict:
+    """Means per valid row of each loss part over the logged steps (one sync per line)."""
+    rows = torch.stack([w["rows"] for w in window]).sum()
+    names = [k for k in window[0] if k != "rows"]
+    sums = reduce_sum(accelerator, torch.stack([sum(w[k] for w in window) for k in names]))
+    means = (sums / rows.clamp(min=1)).tolist()
+    return {"step": progress.step, "epoch": progress.epoch,
+            "seconds": round(time.perf_counter() - start, 2),
+            "lr": scheduler.get_last_lr()[0], **dict(zip(names, means, strict=True))}
 
 
 def save_model(accelerator: Accelerator, model: torch.nn.Module, tokenizer, directory: Path,
                history: list[dict]) -> None:
-    """Weights (safetensors), config, tokenizer and the training log, from the main process."""
+    """Weights (safetensors, ZeRO-3 shards gathered), config, tokenizer and the training log:
+    a directory that `transformers` alone loads."""
     accelerator.wait_for_everyone()
-    unwrapped = accelerator.unwrap_model(model)
+    state_dict = accelerator.get_state_dict(model)  # a collective under ZeRO-3
     if accelerator.is_main_process:
         directory.mkdir(parents=True, exist_ok=True)
-        unwrapped.save_pretrained(str(directory), safe_serialization=True)
+        accelerator.unwrap_model(model).save_pretrained(
+            str(directory), state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(str(directory))
         (directory / "training_log.json").write_text(json.dumps(history, indent=1))
     accelerator.wait_for_everyone()

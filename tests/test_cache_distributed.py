@@ -20,7 +20,7 @@ from transformers import BertConfig, BertForSequenceClassification
 from kdscale.cache import LogitCache, read_manifest
 from kdscale.data import PaddingCollator, prepare
 from kdscale.demo import build_demo_tokenizer, write_demo_task
-from kdscale.teacher import free_port
+from kdscale.distributed import free_port
 from kdscale.train import model_inputs
 
 EXAMPLES = 400

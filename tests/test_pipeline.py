@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from kdscale.distributed import free_port
 
 QUICK = ["--data.max_train_examples", "256", "--data.max_eval_examples", "128",
          "--finetune.max_steps", "30", "--distill.max_steps", "12", "--eval.latency_batches", "2"]
@@ -31,12 +32,6 @@ def accelerate_launch(*args, cwd: Path) -> subprocess.CompletedProcess:
                "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
                "--dynamo_backend", "no", "--main_process_port", str(free_port()), *map(str, args)]
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -118,9 +113,10 @@ def test_distill_under_accelerate_launch_with_two_processes(quick_demo, tmp_path
                                    "log_every": 1})
     result = accelerate_launch("-m", "kdscale", "distill", "--config", config, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "2 process(es) (MULTI_CPU), effective batch 32" in result.stdout
+    assert "2 process(es) (MULTI_CPU), 16 rows per process x 1 accumulation = effective " \
+           "batch 32" in result.stdout
     history = json.loads((tmp_path / "out" / "student" / "training_log.json").read_text())
-    # 256 examples / 16 per batch = 16 batches, 8 per process: 8 optimizer steps in one epoch.
+    # 256 examples in global batches of 2 x 16: 8 optimizer steps in one epoch.
     assert [h["step"] for h in history] == list(range(1, 9))
 
 
@@ -175,5 +171,5 @@ def test_launched_processes_train_one_model(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     sync = json.loads(out.read_text())
     assert sync["distributed_type"] == "MULTI_CPU" and sync["ranks"] == 2
-    assert sync["steps"] == 2  # 16 rows, batches of 4, half of them on each rank
+    assert sync["steps"] == 4  # 16 rows in global batches of 4, each split over the ranks
     assert sync["moved"] and sync["identical"]

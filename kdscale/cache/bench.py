@@ -64,7 +64,7 @@ def kdscale_loop(job, runner, state) -> float:
 
 def throughput(args, root: Path) -> dict:
     from kdscale.caching import load_runner, plan_job
-    from kdscale.train import process_state
+    from kdscale.distributed import process_state
 
     files = write_demo_task(root / "data", n_train=args.examples, n_eval=10)
     config = config_from_dict({

@@ -8,7 +8,8 @@ import sys
 import torch
 
 from kdscale.config import TrainConfig
-from kdscale.train import make_accelerator, train_loop
+from kdscale.distributed import make_accelerator
+from kdscale.train import train_loop
 
 
 def main(out_path: str) -> None:
@@ -19,14 +20,17 @@ def main(out_path: str) -> None:
     initial = torch.cat([p.detach().flatten() for p in model.parameters()])
     # Each rank's data differs, so only all-reduced gradients keep the ranks' weights equal.
     generator = torch.Generator().manual_seed(100 + accelerator.process_index)
-    data = [{"x": torch.randn(3, generator=generator), "y": torch.tensor(i % 2)}
+    data = [{"x": torch.randn(3, generator=generator), "labels": torch.tensor(i % 2)}
             for i in range(16)]
-    loader = torch.utils.data.DataLoader(
+    loader = torch.utils.data.DataLoader(  # global batches of 4: 2 rows per rank
         data, batch_size=4, collate_fn=lambda rows: {
-            "x": torch.stack([r["x"] for r in rows]), "y": torch.stack([r["y"] for r in rows])})
+            "x": torch.stack([r["x"] for r in rows]),
+            "labels": torch.stack([r["labels"] for r in rows])})
 
     def step(model, batch):
-        return {"loss": torch.nn.functional.cross_entropy(model(batch["x"]), batch["y"])}
+        logits = model(batch["x"])
+        return {"loss": torch.nn.functional.cross_entropy(logits, batch["labels"],
+                                                          reduction="sum")}
 
     model, history = train_loop(model, loader, step, train, accelerator, desc="sync check")
     weights = torch.cat([p.detach().flatten() for p in model.parameters()])

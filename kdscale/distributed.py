@@ -1,0 +1,80 @@
+"""How this process joins the launch: the process group, the Accelerator, DeepSpeed or not.
+
+Machines without CUDA have no NCCL, and Accelerate needs to be told what to use instead:
+- plain multi-process runs: `cpu=True` and gloo (without `cpu=True` several launched
+  processes each train alone: distributed type NO, no gradient all-reduce);
+- DeepSpeed runs (`accelerate launch --config_file configs/accelerate/cpu_zero2.yaml`): gloo
+  but NOT `cpu=True`, which would make Accelerate skip DeepSpeed's own initialization.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+from accelerate import Accelerator, PartialState
+from accelerate.utils import GradientAccumulationPlugin, set_seed
+
+from kdscale.config import TrainConfig
+
+
+def launched_distributed() -> bool:
+    """Started by a launcher with more than one process (`accelerate launch`, torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def uses_deepspeed() -> bool:
+    """`accelerate launch` with a DeepSpeed config sets this for every process."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def process_state() -> PartialState:
+    """This process's place in the launch; the process group is created on first call."""
+    if torch.cuda.is_available():
+        return PartialState()
+    if uses_deepspeed():
+        return PartialState(backend="gloo")
+    if launched_distributed():
+        return PartialState(cpu=True, backend="gloo")
+    return PartialState(cpu=True)
+
+
+def make_accelerator(train: TrainConfig, seed: int) -> Accelerator:
+    """One Accelerator per command. Batches are split: the loader yields global batches of
+    `batch_size * processes` rows and each process takes its part, so the data order and
+    every optimizer step's batch are the same whatever the number of processes."""
+    process_state()  # the Accelerator joins the process group created there
+    accumulation = GradientAccumulationPlugin(
+        num_steps=train.gradient_accumulation_steps,
+        # Windows of exactly `num_steps` micro-batches are formed by the loop itself; an
+        # epoch's end must not cut one short (the loop drops an incomplete tail instead).
+        sync_with_dataloader=False)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available() and not uses_deepspeed(),
+                              mixed_precision=train.mixed_precision, split_batches=True,
+                              gradient_accumulation_plugin=accumulation)
+    _fill_deepspeed_autos(accelerator, train)
+    set_seed(seed)
+    return accelerator
+
+
+def _fill_deepspeed_autos(accelerator: Accelerator, train: TrainConfig) -> None:
+    """"auto" values that Accelerate does not fill from its own arguments come from the
+    training config, so each value is stated once."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return
+    ds = plugin.deepspeed_config
+    if ds.get("gradient_clipping") == "auto":
+        ds["gradient_clipping"] = train.max_grad_norm
+    plugin.gradient_clipping = ds.get("gradient_clipping")
+
+
+def reduce_sum(accelerator: Accelerator, value: torch.Tensor) -> torch.Tensor:
+    return accelerator.reduce(value, reduction="sum") if accelerator.num_processes > 1 else value
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
