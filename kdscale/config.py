@@ -42,6 +42,7 @@ class StudentConfig:
     # Teacher layers copied into the student: a list of indices, "first:K" (the seed recipe
     # keeps the first 3), "every_other" (DistilBERT) or "uniform:K" (K evenly spaced).
     layers: list[int] | str = "first:3"
+    dropout: float | None = None  # the student's hidden and attention dropout; None: teacher's
 
 
 @dataclass
@@ -283,6 +284,9 @@ def validate(config: Config) -> None:
            "either teacher.model or teacher.config, not both", "both")
     _check(not (config.data.dataset and config.data.train_file), "data",
            "either data.dataset or data.train_file, not both", "both")
+    dropout = config.student.dropout
+    _check(dropout is None or 0 <= dropout < 1, "student.dropout", "a number in [0, 1) or null",
+           dropout)
     _validate_models(config)
 
 

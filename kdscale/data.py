@@ -232,4 +232,9 @@ def make_loader(data: TaskData, batch_size: int, collate_fn, *, shuffle: bool,
     """Length-grouped batches; `collate_fn` is a `PaddingCollator` or a wrapper around one."""
     lengths = [len(ids) for ids in data.dataset["input_ids"]]
     sampler = LengthGroupedBatchSampler(lengths, batch_size, shuffle=shuffle, seed=seed)
-    return torch.utils.data.DataLoader(data.dataset, batch_sampler=sampler, collate_fn=collate_fn)
+    # Its own generator: starting an epoch must not draw from the global random state, or a
+    # resumed run (which starts its epoch after restoring that state) would drift from an
+    # uninterrupted one.
+    generator = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(data.dataset, batch_sampler=sampler, collate_fn=collate_fn,
+                                       generator=generator)

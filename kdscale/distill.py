@@ -10,7 +10,7 @@ from kdscale.cache import LogitCache
 from kdscale.cache.collator import TeacherLogitsCollator
 from kdscale.config import Config
 from kdscale.data import PaddingCollator, check_sources, make_loader, prepare
-from kdscale.distributed import make_accelerator
+from kdscale.distributed import make_accelerator, process_state
 from kdscale.losses import KDLoss
 from kdscale.models import (
     checkpoint_sha256,
@@ -39,17 +39,19 @@ def run_distill(config: Config) -> None:
     layers = resolve_layers(config.student.layers,
                             num_layers_of(config.teacher_dir))
     cache = LogitCache(config.cache_dir)
-    accelerator = make_accelerator(config.distill, config.seed)
     tokenizer = load_tokenizer(config.teacher_dir)
     teacher = load_classifier(config.teacher_dir, "teacher")
-    with accelerator.main_process_first():
+    with process_state().main_process_first():  # one tokenizes, the rest read its files
         train = prepare(config.data, tokenizer, "train", label_names(teacher))
     cache.check_compatible(data_fingerprint=train.fingerprint,
                            teacher_sha256=checkpoint_sha256(config.teacher_dir),
                            tokenizer_sha256=tokenizer_sha256(tokenizer),
                            num_outputs=teacher.config.num_labels)
-    student = student_from_teacher(teacher, layers)
+    student = student_from_teacher(teacher, layers, config.student.dropout)
     del teacher  # only its layers were needed; the cache stands in for its outputs
+    # Built after the models: under a ZeRO-3 config, transformers would otherwise load the
+    # teacher already partitioned, and its layers could not be copied.
+    accelerator = make_accelerator(config.distill, config.seed)
     collate = TeacherLogitsCollator(PaddingCollator(tokenizer.pad_token_id), cache)
     global_batch = config.distill.batch_size * accelerator.num_processes
     loader = make_loader(train, global_batch, collate, shuffle=True, seed=config.seed)

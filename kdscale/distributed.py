@@ -14,7 +14,7 @@ import socket
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import GradientAccumulationPlugin, set_seed
+from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, set_seed
 
 from kdscale.config import TrainConfig
 
@@ -51,7 +51,8 @@ def make_accelerator(train: TrainConfig, seed: int) -> Accelerator:
         # epoch's end must not cut one short (the loop drops an incomplete tail instead).
         sync_with_dataloader=False)
     accelerator = Accelerator(cpu=not torch.cuda.is_available() and not uses_deepspeed(),
-                              mixed_precision=train.mixed_precision, split_batches=True,
+                              mixed_precision=train.mixed_precision,
+                              dataloader_config=DataLoaderConfiguration(split_batches=True),
                               gradient_accumulation_plugin=accumulation)
     _fill_deepspeed_autos(accelerator, train)
     set_seed(seed)
@@ -65,8 +66,13 @@ def _fill_deepspeed_autos(accelerator: Accelerator, train: TrainConfig) -> None:
     if plugin is None:
         return
     ds = plugin.deepspeed_config
-    if ds.get("gradient_clipping") == "auto":
-        ds["gradient_clipping"] = train.max_grad_norm
+    # Accelerate reads the micro-batch from the loader, but ours are built from a batch
+    # sampler (length-grouped batches), which hides it.
+    filled = {"train_micro_batch_size_per_gpu": train.batch_size,
+              "gradient_clipping": train.max_grad_norm}
+    for key, value in filled.items():
+        if ds.get(key) == "auto":
+            ds[key] = value
     plugin.gradient_clipping = ds.get("gradient_clipping")
 
 

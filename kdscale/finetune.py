@@ -8,7 +8,7 @@ import torch
 
 from kdscale.config import Config, ConfigError
 from kdscale.data import PaddingCollator, check_sources, make_loader, prepare
-from kdscale.distributed import make_accelerator
+from kdscale.distributed import make_accelerator, process_state
 from kdscale.models import load_teacher, load_tokenizer, num_layers_of, resolve_layers
 from kdscale.train import model_inputs, save_model, train_loop
 
@@ -33,13 +33,14 @@ def check_teacher_inputs(config: Config) -> None:
 def run_finetune(config: Config) -> None:
     check_sources(config.data)
     check_teacher_inputs(config)
-    accelerator = make_accelerator(config.finetune, config.seed)
     tokenizer = load_tokenizer(config.teacher.tokenizer or config.teacher.model)
-    with accelerator.main_process_first():  # one process tokenizes, the rest read its cache
+    with process_state().main_process_first():  # one tokenizes, the rest read its files
         train = prepare(config.data, tokenizer, "train")
     teacher = load_teacher(config.teacher, train.num_labels)
     teacher.config.id2label = dict(enumerate(train.label_names))
     teacher.config.label2id = {name: i for i, name in enumerate(train.label_names)}
+    # After the model is built: ZeRO-3 then partitions it in prepare().
+    accelerator = make_accelerator(config.finetune, config.seed)
     global_batch = config.finetune.batch_size * accelerator.num_processes
     loader = make_loader(train, global_batch, PaddingCollator(tokenizer.pad_token_id),
                          shuffle=True, seed=config.seed)

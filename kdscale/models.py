@@ -120,12 +120,15 @@ def num_layers_of(checkpoint: str | Path, what: str = "teacher") -> int:
     return getattr(config, "num_hidden_layers", None) or config.n_layers
 
 
-def student_from_teacher(teacher: PreTrainedModel, layers: list[int] | str) -> PreTrainedModel:
+def student_from_teacher(teacher: PreTrainedModel, layers: list[int] | str,
+                         dropout: float | None = None) -> PreTrainedModel:
     """A student of the teacher's class with the teacher's embeddings, head and the chosen
     layers, copied weight for weight; student layer i is teacher layer layers[i]."""
     layers = resolve_layers(layers, teacher.config.num_hidden_layers)
     config = copy.deepcopy(teacher.config)
     config.num_hidden_layers = len(layers)
+    if dropout is not None:
+        config.hidden_dropout_prob = config.attention_probs_dropout_prob = dropout
     student = type(teacher)(config)
     student_index = {t: s for s, t in enumerate(layers)}
     state = {}

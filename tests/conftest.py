@@ -36,3 +36,15 @@ def teacher(tokenizer):
             vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
             intermediate_size=64, max_position_embeddings=64, num_labels=2))
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def quick_demo(tmp_path_factory):
+    """One short `kdscale demo` run (teacher, cache, student, report) shared by the tests
+    that need a real pipeline's files."""
+    from pipeline_helpers import QUICK, kdscale
+
+    out = tmp_path_factory.mktemp("demo") / "run"
+    result = kdscale("demo", "--output_dir", str(out), *QUICK, cwd=out.parent)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out

@@ -4,51 +4,12 @@ process and under `accelerate launch` with two processes, and bad input stopping
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from pipeline_helpers import accelerate_launch, kdscale, write_config
 from safetensors.torch import load_file
-
-from kdscale.distributed import free_port
-
-QUICK = ["--data.max_train_examples", "256", "--data.max_eval_examples", "128",
-         "--finetune.max_steps", "30", "--distill.max_steps", "12", "--eval.latency_batches", "2"]
-
-
-def kdscale(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "kdscale", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def accelerate_launch(*args, cwd: Path) -> subprocess.CompletedProcess:
-    """`accelerate launch` with 2 processes over gloo on this machine's CPU."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-               "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-               "--dynamo_backend", "no", "--main_process_port", str(free_port()), *map(str, args)]
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-
-
-@pytest.fixture(scope="module")
-def quick_demo(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("demo") / "run"
-    result = kdscale("demo", "--output_dir", str(out), *QUICK, cwd=out.parent)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out
-
-
-def write_config(path: Path, demo: Path, **sections) -> Path:
-    """An experiment YAML over the demo's files, with some sections replaced."""
-    config = json.loads((demo / "report.json").read_text())["config"]
-    for section, values in sections.items():
-        config[section] = {**config[section], **values} if isinstance(values, dict) else values
-    path.write_text(json.dumps(config))  # JSON is YAML
-    return path
 
 
 def test_quick_demo_writes_a_consistent_report(quick_demo):

@@ -1,0 +1,53 @@
+"""Running kdscale as a user does: the command line, `accelerate launch`, experiment files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from kdscale.distributed import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+QUICK = ["--data.max_train_examples", "256", "--data.max_eval_examples", "128",
+         "--finetune.max_steps", "30", "--distill.max_steps", "12", "--eval.latency_batches", "2"]
+
+
+def kdscale(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "kdscale", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def launch_command(*args, config_file: str | None = None) -> list[str]:
+    """`accelerate launch` with 2 processes on this machine: plain (gloo) or with an
+    accelerate config file (for DeepSpeed), relative to the repository."""
+    setup = ["--config_file", str(REPO / config_file)] if config_file else [
+        "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    return [sys.executable, "-m", "accelerate.commands.launch", *setup, "--mixed_precision",
+            "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+            *map(str, args)]
+
+
+LAUNCH_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+              "OMP_NUM_THREADS": "1"}
+
+
+def accelerate_launch(*args, cwd: Path = REPO, config_file: str | None = None,
+                      timeout: int = 300) -> subprocess.CompletedProcess:
+    # The cwd is the repository: accelerate configs name DeepSpeed files relative to it.
+    return subprocess.run(launch_command(*args, config_file=config_file), cwd=cwd,
+                          env=LAUNCH_ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def write_config(path: Path, demo: Path, **sections) -> Path:
+    """An experiment YAML over the demo's files, with some sections replaced."""
+    config = json.loads((demo / "report.json").read_text())["config"]
+    for section, values in sections.items():
+        config[section] = {**config[section], **values} if isinstance(values, dict) else values
+    path.write_text(json.dumps(config))  # JSON is YAML
+    return path
+
+
