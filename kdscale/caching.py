@@ -8,7 +8,6 @@ crash skips the finished shards.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 
@@ -29,14 +28,7 @@ from kdscale.config import Config
 from kdscale.data import PaddingCollator, TaskData, check_sources, prepare
 from kdscale.distributed import process_state
 from kdscale.models import checkpoint_sha256, load_tokenizer, tokenizer_sha256
-from kdscale.teacher import (
-    TeacherRunner,
-    choose_placement,
-    compute_dtype,
-    deepspeed_config,
-    free_memory_per_process,
-    parameter_count,
-)
+from kdscale.teacher import TeacherRunner, load_runner
 
 
 @dataclass
@@ -127,30 +119,6 @@ def _prepare_directory(job: CacheJob) -> None:
         if not job.config.cache.overwrite:
             raise
         clear_partial(directory)
-
-
-def load_runner(config: Config, state) -> TeacherRunner:
-    dtype = compute_dtype(config.teacher.precision)
-    num_params = parameter_count(config.teacher_dir)
-    weight_bytes = num_params * torch.finfo(dtype).bits // 8
-    local_processes = state.num_processes // max(_num_machines(), 1)
-    placement = choose_placement(config.teacher.placement, weight_bytes,
-                                 free_memory_per_process(local_processes), state.num_processes)
-    state.print(f"teacher placement: {placement.name} ({placement.reason})")
-    ds_config = None
-    if placement.name != "replicate":
-        hidden = AutoConfig.from_pretrained(str(config.teacher_dir)).hidden_size
-        ds_config = deepspeed_config(config.teacher, placement.name, config.cache.batch_size,
-                                     dtype, hidden)
-    runner = TeacherRunner(config.teacher_dir, placement.name, dtype, ds_config)
-    runner.num_params = num_params
-    return runner
-
-
-def _num_machines() -> int:
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "0"))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return world // local if local else 1
 
 
 def write_shards(job: CacheJob, runner: TeacherRunner, shards: list[int], state) -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -35,6 +36,9 @@ class TeacherConfig:
     placement: Literal["auto", "replicate", "zero3", "zero3_offload"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA if able
     deepspeed_config: str | None = None  # default: the built-in configs/deepspeed/teacher_*.json
+    # Where a student's teacher outputs come from: the logit cache, or the teacher itself,
+    # run beside the student (needed for the hidden-state and attention losses).
+    source: Literal["cache", "online"] = "cache"
 
 
 @dataclass
@@ -75,8 +79,14 @@ class CacheConfig:
 
 @dataclass
 class LossConfig:
-    temperature: float = 2.0
-    alpha: float = 0.5  # weight of the soft (KL) term; 1 - alpha goes to hard-label CE
+    # A number, or a schedule over the run: {kind: linear | cosine, start: 4.0, end: 1.0}.
+    temperature: float | dict = 2.0
+    alpha: float | dict = 0.5  # weight of the soft (KL) term; 1 - alpha goes to hard-label CE
+    # Losses beyond logits (need teacher.source: online), each with its weight:
+    hidden_mse: float = 0.0  # TinyBERT: hidden states through a learned projection
+    hidden_cosine: float = 0.0  # DistilBERT: cosine between hidden states (equal widths)
+    attention_kl: float = 0.0  # TinyBERT/MiniLM: KL between attention distributions
+    layer_map: dict | str = "uniform"  # {student layer: teacher layer}, or "uniform"
 
 
 @dataclass
@@ -269,8 +279,7 @@ def _describe(kind: Any) -> str:
 
 def validate(config: Config) -> None:
     """Impossible values stop here, before any model or data is touched."""
-    _check(config.loss.temperature > 0, "loss.temperature", "a number > 0", config.loss.temperature)
-    _check(0.0 <= config.loss.alpha <= 1.0, "loss.alpha", "a number in [0, 1]", config.loss.alpha)
+    _validate_loss(config)
     for section in ("finetune", "distill"):
         _validate_train(getattr(config, section), section)
     for key in ("max_length", "max_train_examples", "max_eval_examples"):
@@ -297,6 +306,27 @@ def _validate_models(config: Config) -> None:
     if config.teacher.config is not None:
         teacher = teacher_config_from_dict(config.teacher.config, num_labels=2)
         resolve_layers(config.student.layers, teacher.num_hidden_layers)
+
+
+def _validate_loss(config: Config) -> None:
+    from kdscale.errors import KdscaleError
+    from kdscale.schedules import Schedule
+
+    loss = config.loss
+    for key, low, high, expected in (("temperature", 0.0, math.inf, "> 0"),
+                                     ("alpha", 0.0, 1.0, "in [0, 1]")):
+        try:
+            lowest, highest = Schedule.from_value(getattr(loss, key)).bounds()
+        except KdscaleError as err:
+            raise ConfigError(f"loss.{key}: {err}") from None
+        ok = (lowest > low if key == "temperature" else lowest >= low) and highest <= high
+        _check(ok, f"loss.{key}", f"a number {expected} (or a schedule staying so)",
+               getattr(loss, key))
+    for key in ("hidden_mse", "hidden_cosine", "attention_kl"):
+        weight = getattr(loss, key)
+        _check(weight >= 0, f"loss.{key}", "a weight >= 0", weight)
+        _check(weight == 0 or config.teacher.source == "online", f"loss.{key}",
+               "0 unless teacher.source is online (the cache holds logits only)", weight)
 
 
 def _validate_train(train: TrainConfig, section: str) -> None:

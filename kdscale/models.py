@@ -90,10 +90,12 @@ def load_teacher(cfg: TeacherConfig, num_labels: int) -> PreTrainedModel:
     return AutoModelForSequenceClassification.from_pretrained(cfg.model, num_labels=num_labels)
 
 
-def load_classifier(directory: str | Path, what: str = "model") -> PreTrainedModel:
+def load_classifier(directory: str | Path, what: str = "model",
+                    attn_implementation: str | None = None) -> PreTrainedModel:
     """A fine-tuned sequence classifier saved by kdscale (or any `save_pretrained` directory)."""
     _require_checkpoint(Path(directory), what)
-    return AutoModelForSequenceClassification.from_pretrained(directory)
+    options = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    return AutoModelForSequenceClassification.from_pretrained(directory, **options)
 
 
 def _require_checkpoint(directory: Path, what: str) -> None:

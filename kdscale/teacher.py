@@ -20,7 +20,7 @@ import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from kdscale import configs
-from kdscale.config import ConfigError, TeacherConfig
+from kdscale.config import Config, ConfigError, TeacherConfig
 from kdscale.distributed import free_port
 
 DEEPSPEED_CONFIGS = {"zero3": "deepspeed/teacher_zero3.json",
@@ -107,15 +107,16 @@ class TeacherRunner:
     """Loads a fine-tuned teacher in its placement and computes logits on this process."""
 
     def __init__(self, checkpoint: str | Path, placement: str, dtype: torch.dtype,
-                 ds_config: dict | None):
+                 ds_config: dict | None, attn_implementation: str | None = None):
         self.device = torch.device("cuda", torch.cuda.current_device()) \
             if torch.cuda.is_available() else torch.device("cpu")
         self.placement, self.dtype = placement, dtype
+        options = {"attn_implementation": attn_implementation} if attn_implementation else {}
         if placement == "replicate":
-            model = AutoModelForSequenceClassification.from_pretrained(str(checkpoint))
+            model = AutoModelForSequenceClassification.from_pretrained(str(checkpoint), **options)
             self.model = model.to(self.device, dtype).eval()
         else:
-            self.model = _zero3_model(checkpoint, dtype, ds_config)
+            self.model = _zero3_model(checkpoint, dtype, ds_config, options)
 
     @property
     def params_held(self) -> int:
@@ -125,12 +126,44 @@ class TeacherRunner:
 
     @torch.inference_mode()
     def logits(self, batch: dict) -> torch.Tensor:
+        return self.outputs(batch).logits.float().cpu()
+
+    @torch.no_grad()
+    def outputs(self, batch: dict, **flags):
+        """The teacher's model outputs on this device (hidden states, attentions on request).
+        no_grad rather than inference_mode: a student's loss may still use them."""
         inputs = {k: batch[k].to(self.device) for k in ("input_ids", "attention_mask",
                                                         "token_type_ids") if k in batch}
-        return self.model(**inputs).logits.float().cpu()
+        return self.model(**inputs, **flags)
 
 
-def _zero3_model(checkpoint: str | Path, dtype: torch.dtype, ds_config: dict):
+def load_runner(config: Config, state, attn_implementation: str | None = None) -> TeacherRunner:
+    """The fine-tuned teacher in its placement, chosen (and explained) now."""
+    dtype = compute_dtype(config.teacher.precision)
+    num_params = parameter_count(config.teacher_dir)
+    weight_bytes = num_params * torch.finfo(dtype).bits // 8
+    local_processes = state.num_processes // max(_num_machines(), 1)
+    placement = choose_placement(config.teacher.placement, weight_bytes,
+                                 free_memory_per_process(local_processes), state.num_processes)
+    state.print(f"teacher placement: {placement.name} ({placement.reason})")
+    ds_config = None
+    if placement.name != "replicate":
+        hidden = AutoConfig.from_pretrained(str(config.teacher_dir)).hidden_size
+        ds_config = deepspeed_config(config.teacher, placement.name, config.cache.batch_size,
+                                     dtype, hidden)
+    runner = TeacherRunner(config.teacher_dir, placement.name, dtype, ds_config,
+                           attn_implementation)
+    runner.num_params = num_params
+    return runner
+
+
+def _num_machines() -> int:
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return world // local if local else 1
+
+
+def _zero3_model(checkpoint: str | Path, dtype: torch.dtype, ds_config: dict, options: dict):
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
@@ -138,7 +171,8 @@ def _zero3_model(checkpoint: str | Path, dtype: torch.dtype, ds_config: dict):
     # While this object lives, from_pretrained loads each weight straight into its ZeRO-3
     # shard: no process ever holds the whole teacher.
     hf_ds_config = HfDeepSpeedConfig(ds_config)
-    model = AutoModelForSequenceClassification.from_pretrained(str(checkpoint), dtype=dtype)
+    model = AutoModelForSequenceClassification.from_pretrained(str(checkpoint), dtype=dtype,
+                                                               **options)
     engine, *_ = deepspeed.initialize(model=model, config=ds_config)
     del hf_ds_config
     return engine.module.eval()

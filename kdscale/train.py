@@ -89,6 +89,8 @@ def train_loop(model: torch.nn.Module, loader: torch.utils.data.DataLoader, loss
             window = list(islice(batches, accum))
             if len(window) < accum:
                 break
+            if hasattr(loss_fn, "set_step"):  # losses on a schedule (temperature, alpha)
+                loss_fn.set_step(progress.step, total_steps)
             log_window.append(optimizer_step(model, window, loss_fn, optimizer, scheduler,
                                              accelerator, train))
             progress.step += 1
@@ -157,15 +159,21 @@ def _log_record(window: list[dict], accelerator: Accelerator, progress: Progress
 
 
 def save_model(accelerator: Accelerator, model: torch.nn.Module, tokenizer, directory: Path,
-               history: list[dict]) -> None:
+               history: list[dict], submodule: str | None = None) -> None:
     """Weights (safetensors, ZeRO-3 shards gathered), config, tokenizer and the training log:
-    a directory that `transformers` alone loads."""
+    a directory that `transformers` alone loads. `submodule` saves only that part of the
+    trained module (the student inside StudentWithProjections)."""
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(model)  # a collective under ZeRO-3
     if accelerator.is_main_process:
         directory.mkdir(parents=True, exist_ok=True)
-        accelerator.unwrap_model(model).save_pretrained(
-            str(directory), state_dict=state_dict, safe_serialization=True)
+        target = accelerator.unwrap_model(model)
+        if submodule:
+            target = getattr(target, submodule)
+            prefix = submodule + "."
+            state_dict = {k[len(prefix):]: v for k, v in state_dict.items()
+                          if k.startswith(prefix)}
+        target.save_pretrained(str(directory), state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(str(directory))
         (directory / "training_log.json").write_text(json.dumps(history, indent=1))
     accelerator.wait_for_everyone()

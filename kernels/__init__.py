@@ -1,8 +1,14 @@
-"""Distillation loss kernels, importable as ``kdscale.kernels``."""
+"""Distillation loss kernels, importable as ``kdscale.kernels``.
+
+``kd_loss`` runs the Triton kernel (``kd_loss.py``) on CUDA tensors and the pure-PyTorch
+reference (``reference.py``, the definition of the loss) elsewhere. ``kd_loss_triton`` is the
+Triton path on any device: CUDA, or CPU under the Triton interpreter (``TRITON_INTERPRET=1``,
+as the tests do).
+"""
 
 from .reference import kd_loss_reference
 
-__all__ = ["kd_loss", "kd_loss_reference"]
+__all__ = ["kd_loss", "kd_loss_reference", "kd_loss_triton"]
 
 
 def kd_loss(
@@ -18,8 +24,8 @@ def kd_loss(
     reduction="mean",
 ):
     """Distillation loss; see ``kdscale.kernels.reference`` for the definition and formulas."""
-    # The Triton kernel (kd_loss.py) will be dispatched here for CUDA inputs.
-    return kd_loss_reference(
+    loss = kd_loss_triton if student_logits.is_cuda else kd_loss_reference
+    return loss(
         student_logits,
         teacher_logits,
         labels,
@@ -30,3 +36,47 @@ def kd_loss(
         ignore_index=ignore_index,
         reduction=reduction,
     )
+
+
+def kd_loss_triton(
+    student_logits,
+    teacher_logits=None,
+    labels=None,
+    *,
+    teacher_topk_values=None,
+    teacher_topk_indices=None,
+    temperature=1.0,
+    alpha=0.5,
+    ignore_index=-100,
+    reduction="mean",
+    inplace_grad=False,
+):
+    """``kd_loss`` through the Triton kernel on any device; ``inplace_grad=True`` writes the
+    gradient over ``student_logits`` (see ``kd_loss.py``)."""
+    # Imported on first use, not with the package: importing the kernels imports triton and
+    # fixes whether they compile or run in the interpreter (TRITON_INTERPRET is read then).
+    from .kd_loss import kd_loss_triton as triton_path
+
+    _restore_kd_loss()
+    return triton_path(
+        student_logits,
+        teacher_logits,
+        labels,
+        teacher_topk_values=teacher_topk_values,
+        teacher_topk_indices=teacher_topk_indices,
+        temperature=temperature,
+        alpha=alpha,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        inplace_grad=inplace_grad,
+    )
+
+
+_KD_LOSS = kd_loss
+
+
+def _restore_kd_loss():
+    """Python binds a submodule, once imported, as an attribute of its package: importing
+    ``kd_loss.py`` puts the module in place of the function ``kd_loss``. Bind it back."""
+    global kd_loss
+    kd_loss = _KD_LOSS

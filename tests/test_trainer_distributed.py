@@ -117,3 +117,25 @@ def _set_dropout(config: Path, value: float) -> None:
     settings = json.loads(config.read_text())
     settings["student"]["dropout"] = value
     config.write_text(json.dumps(settings))
+
+
+def test_online_zero3_teacher_beside_a_zero2_student(quick_demo, one_process, tmp_path):
+    config = distill_config(quick_demo, tmp_path, batch_size=8)
+    settings = json.loads(config.read_text())
+    settings["teacher"].update(source="online", placement="zero3")
+    settings["loss"].update(hidden_mse=1.0, attention_kl=0.5)
+    config.write_text(json.dumps(settings))
+    result = accelerate_launch("-m", "kdscale", "distill", "--config", config,
+                               config_file="configs/accelerate/cpu_zero2.yaml")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "teacher placement: zero3" in result.stdout
+    assert "2 process(es) (DEEPSPEED)" in result.stdout
+    history, cached = history_of(tmp_path), history_of(one_process)
+    assert all(h["hidden_mse"] > 0 and h["attention_kl"] > 0 for h in history)
+    # Step 1 sees the same batch and weights: the online teacher's KL term is the cached
+    # teacher's, up to the cache's fp16 storage.
+    assert history[0]["soft"] == pytest.approx(cached[0]["soft"], rel=1e-2)
+    saved = load_file(tmp_path / "student" / "model.safetensors")
+    plain = load_file(one_process / "student" / "model.safetensors")
+    assert saved.keys() == plain.keys()  # the student alone: no projections, no prefix
+    AutoModelForSequenceClassification.from_pretrained(tmp_path / "student")

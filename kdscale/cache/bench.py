@@ -63,8 +63,9 @@ def kdscale_loop(job, runner, state) -> float:
 
 
 def throughput(args, root: Path) -> dict:
-    from kdscale.caching import load_runner, plan_job
+    from kdscale.caching import plan_job
     from kdscale.distributed import process_state
+    from kdscale.teacher import load_runner
 
     files = write_demo_task(root / "data", n_train=args.examples, n_eval=10)
     config = config_from_dict({

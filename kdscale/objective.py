@@ -1,0 +1,80 @@
+"""What one distillation step computes: the KD loss on the logits (teacher from the cache or
+run online), with its temperature and alpha on their schedules, plus the losses beyond
+logits when the teacher runs online."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kdscale.config import LossConfig
+from kdscale.intermediate import IntermediateConfig, IntermediateLosses
+from kdscale.losses import KDLoss
+from kdscale.schedules import Schedule
+from kdscale.teacher import TeacherRunner
+from kdscale.train import model_inputs, valid_rows
+
+
+class StudentWithProjections(nn.Module):
+    """The student and the learned projections of the hidden-state loss: both are trained,
+    so both go through the optimizer (and ZeRO); only the student is saved."""
+
+    def __init__(self, student: nn.Module, intermediate: IntermediateLosses):
+        super().__init__()
+        self.student, self.intermediate = student, intermediate
+
+    def forward(self, **inputs):
+        return self.student(**inputs)
+
+
+def intermediate_config(loss: LossConfig) -> IntermediateConfig:
+    return IntermediateConfig(hidden_mse=loss.hidden_mse, hidden_cosine=loss.hidden_cosine,
+                              attention_kl=loss.attention_kl, layer_map=loss.layer_map)
+
+
+class DistillStep:
+    """`step(model, batch)` -> sums over the batch's valid rows, as the training loop wants."""
+
+    def __init__(self, loss: LossConfig, teacher: TeacherRunner | None = None):
+        self.temperature = Schedule.from_value(loss.temperature)
+        self.alpha = Schedule.from_value(loss.alpha)
+        self.teacher, self.total_steps, self.step_index = teacher, 1, 0  # see set_step
+        self.needs = intermediate_config(loss)
+
+    def set_step(self, step: int, total_steps: int) -> None:
+        self.step_index, self.total_steps = step, total_steps
+
+    def kd_loss(self) -> KDLoss:
+        return KDLoss(self.temperature.value(self.step_index, self.total_steps),
+                      self.alpha.value(self.step_index, self.total_steps))
+
+    def __call__(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+        flags = {"output_hidden_states": self.needs.hidden_mse > 0 or self.needs.hidden_cosine > 0,
+                 "output_attentions": self.needs.attention_kl > 0}
+        student = model(**model_inputs(batch), **flags)
+        if self.teacher is None:
+            teacher_logits, teacher = batch["teacher_logits"].float(), None
+        else:
+            teacher = self.teacher.outputs(batch, **flags)
+            teacher_logits = teacher.logits.float()
+        parts = self.kd_loss().parts(student.logits, teacher_logits, batch["labels"],
+                                     reduction="sum")
+        if self.needs.enabled:
+            parts = self._add_intermediate(model, parts, student, teacher, batch)
+        return parts
+
+    def _add_intermediate(self, model, parts, student, teacher, batch) -> dict:
+        losses = _unwrap(model).intermediate
+        extra = losses(student, teacher, batch["attention_mask"])
+        # Intermediate losses are means over tokens; weigh them by the batch's rows so the
+        # loop's division by the step's rows gives their mean over the step.
+        rows = valid_rows(batch).float()
+        total = extra.pop("total") * rows
+        named = {name: value.detach() * rows for name, value in extra.items()}
+        return {**parts, "loss": parts["loss"] + total, **named}
+
+
+def _unwrap(model: nn.Module) -> StudentWithProjections:
+    while not isinstance(model, StudentWithProjections):
+        model = model.module  # DDP / DeepSpeed engine
+    return model
