@@ -320,8 +320,9 @@ def _validate_loss(config: Config) -> None:
         except KdscaleError as err:
             raise ConfigError(f"loss.{key}: {err}") from None
         ok = (lowest > low if key == "temperature" else lowest >= low) and highest <= high
-        _check(ok, f"loss.{key}", f"a number {expected} (or a schedule staying so)",
-               getattr(loss, key))
+        value = getattr(loss, key)
+        what = "a schedule staying" if isinstance(value, dict) else "a number"
+        _check(ok, f"loss.{key}", f"{what} {expected}", value)
     for key in ("hidden_mse", "hidden_cosine", "attention_kl"):
         weight = getattr(loss, key)
         _check(weight >= 0, f"loss.{key}", "a weight >= 0", weight)

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
+
 from kdscale.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,3 +53,14 @@ def write_config(path: Path, demo: Path, **sections) -> Path:
     return path
 
 
+
+
+def worker_of_rank(launcher: psutil.Process, rank: int) -> psutil.Process | None:
+    """The kdscale process of one rank among a launcher's children (to kill it in a test)."""
+    for child in launcher.children(recursive=True):
+        try:
+            if "kdscale" in " ".join(child.cmdline()) and child.environ().get("RANK") == str(rank):
+                return child
+        except psutil.NoSuchProcess:
+            continue
+    return None

@@ -15,6 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from pipeline_helpers import worker_of_rank
 from transformers import BertConfig, BertForSequenceClassification
 
 from kdscale.cache import LogitCache, read_manifest
@@ -101,16 +102,6 @@ def test_two_ranks_with_a_zero3_teacher(experiment, two_rank_cache):
     for rank in build["ranks"]:  # each rank held about half of the teacher
         assert 0.4 < rank["params_held"] / build["num_params"] < 0.6
     assert sum(rank["examples"] for rank in build["ranks"]) == EXAMPLES
-
-
-def worker_of_rank(launcher: psutil.Process, rank: int) -> psutil.Process | None:
-    for child in launcher.children(recursive=True):
-        try:
-            if "kdscale" in " ".join(child.cmdline()) and child.environ().get("RANK") == str(rank):
-                return child
-        except psutil.NoSuchProcess:
-            continue
-    return None
 
 
 def test_a_killed_rank_resumes_to_the_same_cache(experiment, two_rank_cache):

@@ -96,7 +96,7 @@ def test_mixed_precision_no_unquoted():
     ("los:\n  temperature: 4\n", r"unknown key los \(did you mean loss\?\)"),
     ("optimizer:\n  lr: 1\n", r"unknown key optimizer;"),
     ("loss: 3\n", r"loss: expected a mapping"),
-    ("loss:\n  alpha: high\n", r"loss\.alpha: expected a number, got 'high'"),
+    ("loss:\n  alpha: high\n", r"loss\.alpha: expected a number or a mapping, got 'high'"),
     ("finetune:\n  batch_size: 2.5\n", r"finetune\.batch_size: expected an integer, got 2\.5"),
     ("distill:\n  epochs: true\n", r"distill\.epochs: expected a number, got True"),
     ("cache:\n  shard_rows: true\n", r"cache\.shard_rows: expected an integer, got True"),
@@ -159,3 +159,16 @@ def test_override_into_scalar_is_rejected(write):
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_repo_configs_load(path):
     assert isinstance(load_config(path), Config)
+
+
+def test_loss_schedules_and_online_only_losses():
+    config = load_config(overrides=["--loss.temperature", "{kind: linear, start: 4, end: 1}"])
+    assert config.loss.temperature == {"kind": "linear", "start": 4, "end": 1}
+    with pytest.raises(ConfigError, match="loss.temperature: expected a schedule staying > 0"):
+        load_config(overrides=["--loss.temperature", "{kind: linear, start: 4, end: 0}"])
+    with pytest.raises(ConfigError, match=r"loss.alpha: expected a schedule staying in \[0, 1\]"):
+        load_config(overrides=["--loss.alpha", "{kind: cosine, start: 0.2, end: 1.5}"])
+    with pytest.raises(ConfigError, match="loss.hidden_mse: expected 0 unless teacher.source"):
+        load_config(overrides=["--loss.hidden_mse", "1.0"])
+    online = load_config(overrides=["--loss.hidden_mse", "1.0", "--teacher.source", "online"])
+    assert online.loss.hidden_mse == 1.0

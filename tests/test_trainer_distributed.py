@@ -13,7 +13,14 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from pipeline_helpers import LAUNCH_ENV, accelerate_launch, kdscale, launch_command, write_config
+from pipeline_helpers import (
+    LAUNCH_ENV,
+    accelerate_launch,
+    kdscale,
+    launch_command,
+    worker_of_rank,
+    write_config,
+)
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
@@ -67,16 +74,6 @@ def test_deepspeed_student_follows_the_one_process_trajectory(quick_demo, one_pr
                                    rtol=1e-2, atol=1e-3)
 
 
-def worker(launcher: psutil.Process, rank: int) -> psutil.Process | None:
-    for child in launcher.children(recursive=True):
-        try:
-            if "kdscale" in " ".join(child.cmdline()) and child.environ().get("RANK") == str(rank):
-                return child
-        except psutil.NoSuchProcess:
-            continue
-    return None
-
-
 def test_a_killed_run_resumes_to_the_same_student(quick_demo, tmp_path):
     settings = {"max_steps": 30, "checkpoint_every": 5, "batch_size": 8}
     uninterrupted = tmp_path / "uninterrupted"
@@ -95,7 +92,7 @@ def test_a_killed_run_resumes_to_the_same_student(quick_demo, tmp_path):
     deadline = time.time() + 240
     while not marker.exists() and time.time() < deadline:
         time.sleep(0.02)
-    victim = worker(psutil.Process(process.pid), rank=1)
+    victim = worker_of_rank(psutil.Process(process.pid), rank=1)
     assert victim is not None, "rank 1 was not found"
     victim.send_signal(signal.SIGKILL)
     process.communicate(timeout=120)
