@@ -9,7 +9,7 @@ from kdscale.cache import LogitCache
 from kdscale.cache.collator import TeacherLogitsCollator
 from kdscale.config import Config
 from kdscale.data import PaddingCollator, check_sources, make_loader, prepare
-from kdscale.distributed import make_accelerator, process_state
+from kdscale.distributed import check_launch_deepspeed_config, make_accelerator, process_state
 from kdscale.intermediate import IntermediateLosses
 from kdscale.models import (
     checkpoint_sha256,
@@ -29,6 +29,7 @@ from kdscale.train import save_model, train_loop
 def run_distill(config: Config) -> None:
     # Everything that can be wrong with the inputs is checked before any model is built.
     check_sources(config.data)
+    check_launch_deepspeed_config()
     layers = resolve_layers(config.student.layers, num_layers_of(config.teacher_dir))
     online = config.teacher.source == "online"
     cache = None if online else LogitCache(config.cache_dir)

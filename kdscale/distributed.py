@@ -29,6 +29,15 @@ def uses_deepspeed() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
+def check_launch_deepspeed_config() -> None:
+    """The DeepSpeed JSON an accelerate config points at, checked before any work."""
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    if uses_deepspeed() and path != "none":
+        from kdscale.deepspeed_config import check_deepspeed_config
+
+        check_deepspeed_config(path, f"deepspeed_config_file {path}")
+
+
 def process_state() -> PartialState:
     """This process's place in the launch; the process group is created on first call."""
     if torch.cuda.is_available():

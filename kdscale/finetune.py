@@ -8,7 +8,7 @@ import torch
 
 from kdscale.config import Config, ConfigError
 from kdscale.data import PaddingCollator, check_sources, make_loader, prepare
-from kdscale.distributed import make_accelerator, process_state
+from kdscale.distributed import check_launch_deepspeed_config, make_accelerator, process_state
 from kdscale.models import load_teacher, load_tokenizer, num_layers_of, resolve_layers
 from kdscale.train import model_inputs, save_model, train_loop
 
@@ -33,6 +33,7 @@ def check_teacher_inputs(config: Config) -> None:
 def run_finetune(config: Config) -> None:
     check_sources(config.data)
     check_teacher_inputs(config)
+    check_launch_deepspeed_config()
     tokenizer = load_tokenizer(config.teacher.tokenizer or config.teacher.model)
     with process_state().main_process_first():  # one tokenizes, the rest read its files
         train = prepare(config.data, tokenizer, "train")

@@ -88,6 +88,9 @@ def deepspeed_config(cfg: TeacherConfig, placement: str, batch_size: int,
         zero["stage3_param_persistence_threshold"] = 10 * hidden_size
     if zero.get("stage3_prefetch_bucket_size") == "auto":
         zero["stage3_prefetch_bucket_size"] = int(0.9 * hidden_size * hidden_size)
+    from kdscale.deepspeed_config import check_deepspeed_config
+
+    check_deepspeed_config(ds, f"teacher DeepSpeed config {path}")
     unfilled = [key for key, value in _leaves(ds) if value == "auto"]
     if unfilled:
         raise ConfigError(f"{path}: kdscale cannot fill {unfilled} for the teacher; "
