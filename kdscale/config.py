@@ -69,6 +69,10 @@ class DataConfig:
 @dataclass
 class CacheConfig:
     dir: str | None = None  # default <output_dir>/cache
+    # Several teachers: their caches (dense), averaged in probability space with these weights
+    # (default: equal). `dir` is then only where `kdscale cache` writes.
+    ensemble: list[str] | None = None
+    ensemble_weights: list[float] | None = None
     dtype: Literal["float16", "bfloat16", "float32"] = "float16"  # storage of the raw logits
     kind: Literal["dense", "topk"] = "dense"  # topk: the k largest logits per row (big heads)
     k: int = 64
@@ -280,6 +284,9 @@ def _describe(kind: Any) -> str:
 def validate(config: Config) -> None:
     """Impossible values stop here, before any model or data is touched."""
     _validate_loss(config)
+    _validate_ensemble(config.cache)
+    _check(not (config.cache.ensemble and config.teacher.source == "online"), "cache.ensemble",
+           "null when teacher.source is online", config.cache.ensemble)
     for section in ("finetune", "distill"):
         _validate_train(getattr(config, section), section)
     for key in ("max_length", "max_train_examples", "max_eval_examples"):
@@ -328,6 +335,20 @@ def _validate_loss(config: Config) -> None:
         _check(weight >= 0, f"loss.{key}", "a weight >= 0", weight)
         _check(weight == 0 or config.teacher.source == "online", f"loss.{key}",
                "0 unless teacher.source is online (the cache holds logits only)", weight)
+
+
+def _validate_ensemble(cache: CacheConfig) -> None:
+    if cache.ensemble is None:
+        _check(cache.ensemble_weights is None, "cache.ensemble_weights",
+               "null unless cache.ensemble lists caches", cache.ensemble_weights)
+        return
+    _check(len(cache.ensemble) >= 1, "cache.ensemble", "a list of cache directories",
+           cache.ensemble)
+    weights = cache.ensemble_weights
+    if weights is not None:
+        _check(len(weights) == len(cache.ensemble), "cache.ensemble_weights",
+               f"{len(cache.ensemble)} weights, one per cache", weights)
+        _check(all(w > 0 for w in weights), "cache.ensemble_weights", "weights > 0", weights)
 
 
 def _validate_train(train: TrainConfig, section: str) -> None:

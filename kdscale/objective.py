@@ -32,14 +32,28 @@ def intermediate_config(loss: LossConfig) -> IntermediateConfig:
                               attention_kl=loss.attention_kl, layer_map=loss.layer_map)
 
 
+def ensemble_logits(logits: torch.Tensor, weights: list[float] | None,
+                    temperature: float) -> torch.Tensor:
+    """Logits z whose softmax(z / T) is the weighted mean of the K teachers' softmax(z_k / T):
+    the teachers are averaged in probability space at the distillation temperature.
+    logits: (K, B, C) -> (B, C)."""
+    k = logits.shape[0]
+    w = torch.tensor(weights if weights else [1.0] * k, dtype=logits.dtype)
+    log_w = (w / w.sum()).log().view(k, 1, 1)
+    log_mix = torch.logsumexp(log_w + torch.log_softmax(logits / temperature, dim=-1), dim=0)
+    return temperature * log_mix
+
+
 class DistillStep:
     """`step(model, batch)` -> sums over the batch's valid rows, as the training loop wants."""
 
-    def __init__(self, loss: LossConfig, teacher: TeacherRunner | None = None):
+    def __init__(self, loss: LossConfig, teacher: TeacherRunner | None = None,
+                 ensemble_weights: list[float] | None = None):
         self.temperature = Schedule.from_value(loss.temperature)
         self.alpha = Schedule.from_value(loss.alpha)
         self.teacher, self.total_steps, self.step_index = teacher, 1, 0  # see set_step
         self.needs = intermediate_config(loss)
+        self.weights = ensemble_weights
 
     def set_step(self, step: int, total_steps: int) -> None:
         self.step_index, self.total_steps = step, total_steps
@@ -52,7 +66,11 @@ class DistillStep:
         flags = {"output_hidden_states": self.needs.hidden_mse > 0 or self.needs.hidden_cosine > 0,
                  "output_attentions": self.needs.attention_kl > 0}
         student = model(**model_inputs(batch), **flags)
-        if self.teacher is None:
+        if "teacher_logits_ensemble" in batch:
+            teacher, teacher_logits = None, ensemble_logits(
+                batch["teacher_logits_ensemble"].float(), self.weights,
+                self.temperature.value(self.step_index, self.total_steps))
+        elif self.teacher is None:
             teacher_logits, teacher = batch["teacher_logits"].float(), None
         else:
             teacher = self.teacher.outputs(batch, **flags)

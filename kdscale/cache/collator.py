@@ -33,3 +33,17 @@ class TeacherLogitsCollator:
             batch["teacher_topk_positions"] = topk.positions
             batch["teacher_topk_counts"] = topk.counts
         return batch
+
+
+class EnsembleLogitsCollator:
+    """`base(examples)` plus `teacher_logits_ensemble` [K, B, C]: the dense logits of K
+    teachers' caches for the batch, in the order of `caches`."""
+
+    def __init__(self, base: Callable[[list[dict]], dict], caches: list[LogitCache]):
+        self.base, self.caches = base, caches
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        batch = self.base(examples)
+        batch["teacher_logits_ensemble"] = torch.stack(
+            [cache.get(batch["example_id"]) for cache in self.caches])
+        return batch
