@@ -45,6 +45,17 @@ def run(command: str, config) -> None:
     elif command == "eval":
         from kdscale.evaluation import run_eval as run_command
     run_command(config)
+    _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Every process leaves together: a rank exiting while another still talks to it over
+    gloo can abort the other."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             from kdscale.demo import run_demo
 
             run_demo(args.output_dir, overrides)
+            _leave_process_group()
         else:
             run(args.command, load_config(args.config, overrides))
     except (KdscaleError, FileNotFoundError) as err:

@@ -42,6 +42,8 @@ def main(out_path: str) -> None:
                   "moved": bool((weights != initial).any())}
         with open(out_path, "w") as f:
             json.dump(result, f)
+    accelerator.wait_for_everyone()
+    torch.distributed.destroy_process_group()  # leave together (see kdscale.cli)
 
 
 if __name__ == "__main__":
