@@ -58,7 +58,7 @@ def run_cache(config: Config) -> None:
             if s not in done]
     state.print(f"{len(job.plan.shards)} shards of {config.cache.shard_rows} rows, "
                 f"{len(done)} already finished; {state.num_processes} process(es)")
-    runner = load_runner(config, state)
+    runner = load_runner(config, state, config.cache.batch_size)
     stats = write_shards(job, runner, mine, state)
     state.wait_for_everyone()
     all_stats = _gather(stats, state)

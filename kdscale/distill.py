@@ -66,7 +66,7 @@ def run_distill(config: Config) -> None:
         model = StudentWithProjections(student, IntermediateLosses.from_models(extra, student,
                                                                                teacher))
     del teacher  # its layers are copied; the cache or the runner stands in for its outputs
-    runner = load_runner(config, state, attention) if online else None
+    runner = load_runner(config, state, config.distill.batch_size, attention) if online else None
     # Built after the models: under a ZeRO-3 config, transformers would otherwise load the
     # teacher already partitioned, and its layers could not be copied.
     accelerator = make_accelerator(config.distill, config.seed)

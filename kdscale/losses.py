@@ -28,14 +28,20 @@ class KDLoss(torch.nn.Module):
 
     def parts(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
               labels: torch.Tensor, reduction: str = "mean") -> dict[str, torch.Tensor]:
-        """The total loss and, for logging, its soft (T^2 * KL) and hard (CE) terms."""
+        """The total loss and, for logging, its soft (T^2 * KL) and hard (CE) terms. The loss
+        is linear in the two, so they are computed once each and combined, not recomputed;
+        a term with weight 0 is kept out of the graph (and of any 0 * inf)."""
         kwargs = {"temperature": self.temperature, "ignore_index": self.ignore_index,
                   "reduction": reduction}
-        with torch.no_grad():
-            soft = kd_loss(student_logits, teacher_logits, labels, alpha=1.0, **kwargs)
-            hard = kd_loss(student_logits, teacher_logits, labels, alpha=0.0, **kwargs)
-        loss = kd_loss(student_logits, teacher_logits, labels, alpha=self.alpha, **kwargs)
-        return {"loss": loss, "soft": soft, "hard": hard}
+        terms, loss = {}, 0.0
+        for name, term_alpha, weight in (("soft", 1.0, self.alpha), ("hard", 0.0, 1 - self.alpha)):
+            with torch.set_grad_enabled(weight > 0 and torch.is_grad_enabled()):
+                terms[name] = kd_loss(student_logits, teacher_logits, labels, alpha=term_alpha,
+                                      **kwargs)
+            if weight > 0:
+                loss = loss + weight * terms[name]
+            terms[name] = terms[name].detach()
+        return {"loss": loss, **terms}
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, alpha={self.alpha}"

@@ -110,10 +110,11 @@ class TeacherRunner:
     """Loads a fine-tuned teacher in its placement and computes logits on this process."""
 
     def __init__(self, checkpoint: str | Path, placement: str, dtype: torch.dtype,
-                 ds_config: dict | None, attn_implementation: str | None = None):
+                 ds_config: dict | None, num_params: int,
+                 attn_implementation: str | None = None):
         self.device = torch.device("cuda", torch.cuda.current_device()) \
             if torch.cuda.is_available() else torch.device("cpu")
-        self.placement, self.dtype = placement, dtype
+        self.placement, self.dtype, self.num_params = placement, dtype, num_params
         options = {"attn_implementation": attn_implementation} if attn_implementation else {}
         if placement == "replicate":
             model = AutoModelForSequenceClassification.from_pretrained(str(checkpoint), **options)
@@ -140,8 +141,10 @@ class TeacherRunner:
         return self.model(**inputs, **flags)
 
 
-def load_runner(config: Config, state, attn_implementation: str | None = None) -> TeacherRunner:
-    """The fine-tuned teacher in its placement, chosen (and explained) now."""
+def load_runner(config: Config, state, batch_size: int,
+                attn_implementation: str | None = None) -> TeacherRunner:
+    """The fine-tuned teacher in its placement, chosen (and explained) now; `batch_size` is
+    the rows of one forward on this process."""
     dtype = compute_dtype(config.teacher.precision)
     num_params = parameter_count(config.teacher_dir)
     weight_bytes = num_params * torch.finfo(dtype).bits // 8
@@ -152,12 +155,9 @@ def load_runner(config: Config, state, attn_implementation: str | None = None) -
     ds_config = None
     if placement.name != "replicate":
         hidden = AutoConfig.from_pretrained(str(config.teacher_dir)).hidden_size
-        ds_config = deepspeed_config(config.teacher, placement.name, config.cache.batch_size,
-                                     dtype, hidden)
-    runner = TeacherRunner(config.teacher_dir, placement.name, dtype, ds_config,
-                           attn_implementation)
-    runner.num_params = num_params
-    return runner
+        ds_config = deepspeed_config(config.teacher, placement.name, batch_size, dtype, hidden)
+    return TeacherRunner(config.teacher_dir, placement.name, dtype, ds_config, num_params,
+                         attn_implementation)
 
 
 def _num_machines() -> int:

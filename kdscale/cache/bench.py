@@ -75,7 +75,7 @@ def throughput(args, root: Path) -> dict:
         "cache": {"batch_size": args.batch_size, "shard_rows": 1024}})
     state = process_state()
     job = plan_job(config, state)
-    runner = load_runner(config, state)
+    runner = load_runner(config, state, config.cache.batch_size)
     plain_loop(job, runner)  # warm-up: allocator, kernels, caches
     plain, ours = [], []
     for _ in range(args.repeats):
