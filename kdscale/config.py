@@ -45,8 +45,18 @@ class TeacherConfig:
 class StudentConfig:
     # Teacher layers copied into the student: a list of indices, "first:K" (the seed recipe
     # keeps the first 3), "every_other" (DistilBERT) or "uniform:K" (K evenly spaced).
-    layers: list[int] | str = "first:3"
+    # None: "first:3" of the teacher, or every layer of student.model.
+    layers: list[int] | str | None = None
     dropout: float | None = None  # the student's hidden and attention dropout; None: teacher's
+    # A pretrained student (a saved model directory) instead of the teacher's layers, e.g. a
+    # general-distilled small BERT; it must share the teacher's vocabulary.
+    model: str | None = None
+
+    @property
+    def layer_spec(self) -> list[int] | str:
+        if self.layers is not None:
+            return self.layers
+        return "all" if self.model else "first:3"
 
 
 @dataclass
@@ -107,6 +117,16 @@ class TrainConfig:
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     checkpoint_every: int | None = None  # optimizer steps between checkpoints; None: none
     keep_checkpoints: int = 2  # the newest complete ones are kept
+    eval_every: int | None = None  # optimizer steps between evaluations (best model kept)
+    # Accelerate trackers ("tensorboard", "wandb", "mlflow", ...; "none"), in <output>/logs.
+    report_to: list[str] | str = "tensorboard"
+    # Per-phase step times (data, teacher, forward, loss, backward, optimizer); on a GPU
+    # they synchronize the device at each phase boundary, so switch off for top speed.
+    time_breakdown: bool = True
+
+    @property
+    def trackers(self) -> list[str]:
+        return [self.report_to] if isinstance(self.report_to, str) else self.report_to
 
 
 @dataclass
@@ -135,6 +155,10 @@ class Config:
     @property
     def student_dir(self) -> Path:
         return Path(self.output_dir) / "student"
+
+    @property
+    def student_best_dir(self) -> Path:  # the best student of distill.eval_every's evaluations
+        return Path(self.output_dir) / "student_best"
 
     @property
     def cache_dir(self) -> Path:
@@ -309,10 +333,10 @@ def validate(config: Config) -> None:
 def _validate_models(config: Config) -> None:
     from kdscale.models import check_layer_spec, resolve_layers, teacher_config_from_dict
 
-    check_layer_spec(config.student.layers)
-    if config.teacher.config is not None:
+    check_layer_spec(config.student.layer_spec)
+    if config.teacher.config is not None and config.student.model is None:
         teacher = teacher_config_from_dict(config.teacher.config, num_labels=2)
-        resolve_layers(config.student.layers, teacher.num_hidden_layers)
+        resolve_layers(config.student.layer_spec, teacher.num_hidden_layers)
 
 
 def _validate_loss(config: Config) -> None:
@@ -366,6 +390,8 @@ def _validate_train(train: TrainConfig, section: str) -> None:
            f"{section}.checkpoint_every", "an integer > 0 or null", train.checkpoint_every)
     _check(train.keep_checkpoints > 0, f"{section}.keep_checkpoints", "an integer > 0",
            train.keep_checkpoints)
+    _check(train.eval_every is None or train.eval_every > 0, f"{section}.eval_every",
+           "an integer > 0 or null", train.eval_every)
 
 
 def _check(ok: bool, key: str, expected: str, got: Any) -> None:

@@ -7,23 +7,27 @@ from pathlib import Path
 
 from kdscale.cache import LogitCache
 from kdscale.cache.collator import EnsembleLogitsCollator, TeacherLogitsCollator
-from kdscale.config import Config, ConfigError
+from kdscale.config import Config, ConfigError, StudentConfig, to_dict
 from kdscale.data import PaddingCollator, check_sources, make_loader, prepare
 from kdscale.distributed import check_launch_deepspeed_config, make_accelerator, process_state
 from kdscale.intermediate import IntermediateLosses
 from kdscale.models import (
+    build_student,
+    check_student_model,
     checkpoint_sha256,
     label_names,
     load_classifier,
     load_tokenizer,
     num_layers_of,
     resolve_layers,
-    student_from_teacher,
     tokenizer_sha256,
 )
 from kdscale.objective import DistillStep, StudentWithProjections, intermediate_config
 from kdscale.teacher import load_runner
+from kdscale.timing import print_breakdown
+from kdscale.tracking import log_dir, start_tracking
 from kdscale.train import save_model, train_loop
+from kdscale.validation import PeriodicEval
 
 
 def open_caches(config: Config) -> list[LogitCache]:
@@ -44,7 +48,9 @@ def run_distill(config: Config) -> None:
     # Everything that can be wrong with the inputs is checked before any model is built.
     check_sources(config.data)
     check_launch_deepspeed_config()
-    layers = resolve_layers(config.student.layers, num_layers_of(config.teacher_dir))
+    check_student_model(config.student, config.teacher_dir)
+    if not config.student.model:
+        resolve_layers(config.student.layer_spec, num_layers_of(config.teacher_dir))
     online = config.teacher.source == "online"
     caches = open_caches(config)
     # Attention maps only come from the eager attention implementation.
@@ -52,15 +58,11 @@ def run_distill(config: Config) -> None:
     tokenizer = load_tokenizer(config.teacher_dir)
     teacher = load_classifier(config.teacher_dir, "teacher", attn_implementation=attention)
     state = process_state()
+    labels = label_names(teacher)
     with state.main_process_first():  # one process tokenizes, the rest read its files
-        train = prepare(config.data, tokenizer, "train", label_names(teacher))
-    # An ensemble's caches come from other teachers by design; one cache must be this one's.
-    teacher_sha = checkpoint_sha256(config.teacher_dir) if len(caches) == 1 else None
-    for cache in caches:
-        cache.check_compatible(data_fingerprint=train.fingerprint, teacher_sha256=teacher_sha,
-                               tokenizer_sha256=tokenizer_sha256(tokenizer),
-                               num_outputs=teacher.config.num_labels)
-    model = student = student_from_teacher(teacher, layers, config.student.dropout)
+        train = prepare(config.data, tokenizer, "train", labels)
+    check_caches(config, caches, train, teacher, tokenizer)
+    model = student = build_student(config.student, teacher)
     extra = intermediate_config(config.loss)
     if extra.enabled:
         model = StudentWithProjections(student, IntermediateLosses.from_models(extra, student,
@@ -69,21 +71,63 @@ def run_distill(config: Config) -> None:
     runner = load_runner(config, state, config.distill.batch_size, attention) if online else None
     # Built after the models: under a ZeRO-3 config, transformers would otherwise load the
     # teacher already partitioned, and its layers could not be copied.
-    accelerator = make_accelerator(config.distill, config.seed)
+    accelerator = make_accelerator(config.distill, config.seed, "distill",
+                                   log_dir(config.output_dir))
+    start_tracking(accelerator, "distill", to_dict(config))
+    loader = train_loader(config, train, tokenizer, caches, accelerator.num_processes)
+    source = (f"{len(caches)} caches averaged" if len(caches) > 1 else "the cache" if caches
+              else f"an online {runner.placement} runner")
+    accelerator.print(f"student: {describe_student(config.student)}, teacher from {source}")
+    submodule = "student" if extra.enabled else None
+    evaluator = periodic_eval(config, accelerator, tokenizer, labels, submodule)
+    step = DistillStep(config.loss, runner, config.cache.ensemble_weights)
+    model, history = train_loop(model, loader, step,
+                                config.distill, accelerator, desc="distill student",
+                                checkpoints=Path(config.output_dir) / "checkpoints" / "distill",
+                                evaluator=evaluator)
+    save_model(accelerator, model, tokenizer, config.student_dir, history, submodule=submodule)
+    accelerator.print(f"student saved to {config.student_dir}")
+    print_breakdown(accelerator, history)
+    accelerator.end_training()
+
+
+def check_caches(config: Config, caches: list[LogitCache], train, teacher, tokenizer) -> None:
+    # An ensemble's caches come from other teachers by design; one cache must be this one's.
+    teacher_sha = checkpoint_sha256(config.teacher_dir) if len(caches) == 1 else None
+    for cache in caches:
+        cache.check_compatible(data_fingerprint=train.fingerprint, teacher_sha256=teacher_sha,
+                               tokenizer_sha256=tokenizer_sha256(tokenizer),
+                               num_outputs=teacher.config.num_labels)
+
+
+def train_loader(config: Config, train, tokenizer, caches: list[LogitCache], processes: int):
     collate = PaddingCollator(tokenizer.pad_token_id)
     if len(caches) > 1:
         collate = EnsembleLogitsCollator(collate, caches)
     elif caches:
         collate = TeacherLogitsCollator(collate, caches[0])
-    global_batch = config.distill.batch_size * accelerator.num_processes
-    loader = make_loader(train, global_batch, collate, shuffle=True, seed=config.seed)
-    source = (f"{len(caches)} caches averaged" if len(caches) > 1 else "the cache" if caches
-              else f"an online {runner.placement} runner")
-    accelerator.print(f"student: teacher layers {layers}, teacher from {source}")
-    step = DistillStep(config.loss, runner, config.cache.ensemble_weights)
-    model, history = train_loop(model, loader, step,
-                                config.distill, accelerator, desc="distill student",
-                                checkpoints=Path(config.output_dir) / "checkpoints" / "distill")
-    save_model(accelerator, model, tokenizer, config.student_dir, history,
-               submodule="student" if extra.enabled else None)
-    accelerator.print(f"student saved to {config.student_dir}")
+    return make_loader(train, config.distill.batch_size * processes, collate, shuffle=True,
+                       seed=config.seed)
+
+
+def describe_student(student: StudentConfig) -> str:
+    origin = student.model or "the teacher"
+    return f"layers {student.layer_spec} of {origin}"
+
+
+def periodic_eval(config: Config, accelerator, tokenizer, labels: list[str],
+                  submodule: str | None) -> PeriodicEval | None:
+    """Evaluation every `distill.eval_every` steps, the best student kept in student_best/."""
+    every = config.distill.eval_every
+    if not every:
+        return None
+    with accelerator.main_process_first():
+        eval_data = prepare(config.data, tokenizer, "eval", labels)
+    global_batch = config.eval.batch_size * accelerator.num_processes
+    loader = make_loader(eval_data, global_batch, PaddingCollator(tokenizer.pad_token_id),
+                         shuffle=False)
+
+    def save_best(model, history):
+        save_model(accelerator, model, tokenizer, config.student_best_dir, history, submodule)
+
+    return PeriodicEval(accelerator, loader, every, save_best)

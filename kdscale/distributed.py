@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, set_seed
 
 from kdscale.config import TrainConfig
+from kdscale.tracking import trackers
 
 
 def launched_distributed() -> bool:
@@ -49,10 +51,13 @@ def process_state() -> PartialState:
     return PartialState(cpu=True)
 
 
-def make_accelerator(train: TrainConfig, seed: int) -> Accelerator:
+def make_accelerator(train: TrainConfig, seed: int, section: str = "train",
+                     log_dir: Path | None = None) -> Accelerator:
     """One Accelerator per command. Batches are split: the loader yields global batches of
     `batch_size * processes` rows and each process takes its part, so the data order and
-    every optimizer step's batch are the same whatever the number of processes."""
+    every optimizer step's batch are the same whatever the number of processes. With
+    `log_dir`, the trackers of `train.report_to` write there."""
+    log_with = trackers(train.trackers, section) if log_dir is not None else None
     process_state()  # the Accelerator joins the process group created there
     accumulation = GradientAccumulationPlugin(
         num_steps=train.gradient_accumulation_steps,
@@ -62,7 +67,8 @@ def make_accelerator(train: TrainConfig, seed: int) -> Accelerator:
     accelerator = Accelerator(cpu=not torch.cuda.is_available() and not uses_deepspeed(),
                               mixed_precision=train.mixed_precision,
                               dataloader_config=DataLoaderConfiguration(split_batches=True),
-                              gradient_accumulation_plugin=accumulation)
+                              gradient_accumulation_plugin=accumulation,
+                              log_with=log_with, project_dir=log_dir)
     _fill_deepspeed_autos(accelerator, train)
     set_seed(seed)
     return accelerator

@@ -6,18 +6,24 @@ from pathlib import Path
 
 import torch
 
-from kdscale.config import Config, ConfigError
+from kdscale.config import Config, ConfigError, to_dict
 from kdscale.data import PaddingCollator, check_sources, make_loader, prepare
 from kdscale.distributed import check_launch_deepspeed_config, make_accelerator, process_state
 from kdscale.models import load_teacher, load_tokenizer, num_layers_of, resolve_layers
+from kdscale.timing import StepTimer, print_breakdown
+from kdscale.tracking import log_dir, start_tracking
 from kdscale.train import model_inputs, save_model, train_loop
 
 
-def cross_entropy_step(model: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:
-    logits = model(**model_inputs(batch)).logits
-    # A sum over the batch's rows: the training loop divides by the step's row count.
-    return {"loss": torch.nn.functional.cross_entropy(logits.float(), batch["labels"],
-                                                      reduction="sum")}
+def cross_entropy_step(model: torch.nn.Module, batch: dict,
+                       timer: StepTimer) -> dict[str, torch.Tensor]:
+    with timer.phase("forward"):
+        logits = model(**model_inputs(batch)).logits
+    with timer.phase("loss"):
+        # A sum over the batch's rows: the training loop divides by the step's row count.
+        loss = torch.nn.functional.cross_entropy(logits.float(), batch["labels"],
+                                                 reduction="sum")
+    return {"loss": loss}
 
 
 def check_teacher_inputs(config: Config) -> None:
@@ -26,8 +32,9 @@ def check_teacher_inputs(config: Config) -> None:
     if source is None:
         raise ConfigError("teacher.tokenizer: expected a tokenizer name or directory when the "
                           "teacher is built from teacher.config")
-    if config.teacher.model and Path(config.teacher.model).is_dir():
-        resolve_layers(config.student.layers, num_layers_of(config.teacher.model, "teacher.model"))
+    if config.teacher.model and Path(config.teacher.model).is_dir() and not config.student.model:
+        resolve_layers(config.student.layer_spec,
+                       num_layers_of(config.teacher.model, "teacher.model"))
 
 
 def run_finetune(config: Config) -> None:
@@ -41,7 +48,9 @@ def run_finetune(config: Config) -> None:
     teacher.config.id2label = dict(enumerate(train.label_names))
     teacher.config.label2id = {name: i for i, name in enumerate(train.label_names)}
     # After the model is built: ZeRO-3 then partitions it in prepare().
-    accelerator = make_accelerator(config.finetune, config.seed)
+    accelerator = make_accelerator(config.finetune, config.seed, "finetune",
+                                   log_dir(config.output_dir))
+    start_tracking(accelerator, "finetune", to_dict(config))
     global_batch = config.finetune.batch_size * accelerator.num_processes
     loader = make_loader(train, global_batch, PaddingCollator(tokenizer.pad_token_id),
                          shuffle=True, seed=config.seed)
@@ -50,3 +59,5 @@ def run_finetune(config: Config) -> None:
                                   checkpoints=Path(config.output_dir) / "checkpoints" / "finetune")
     save_model(accelerator, teacher, tokenizer, config.teacher_dir, history)
     accelerator.print(f"teacher saved to {config.teacher_dir}")
+    print_breakdown(accelerator, history)
+    accelerator.end_training()

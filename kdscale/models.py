@@ -19,7 +19,7 @@ from transformers import (
     PreTrainedModel,
 )
 
-from kdscale.config import ConfigError, TeacherConfig
+from kdscale.config import ConfigError, StudentConfig, TeacherConfig
 
 # Transformer blocks in BERT-family state dicts: bert/roberta/electra use `encoder.layer.N.`,
 # DistilBERT `transformer.layer.N.`.
@@ -28,10 +28,10 @@ _LAYER_KEY = re.compile(r"^(.*?(?:encoder|transformer)\.layer\.)(\d+)(\..*)$")
 
 def check_layer_spec(spec: list[int] | str) -> None:
     """The form of `student.layers`, checkable before the teacher is known."""
-    if isinstance(spec, str) and not re.fullmatch(r"every_other|(first|uniform):\d+", spec):
+    if isinstance(spec, str) and not re.fullmatch(r"all|every_other|(first|uniform):\d+", spec):
         raise ConfigError(
-            f"student.layers: expected a list of layer indices, 'first:K', 'uniform:K' or "
-            f"'every_other', got {spec!r}")
+            f"student.layers: expected a list of layer indices, 'first:K', 'uniform:K', "
+            f"'every_other' or 'all', got {spec!r}")
 
 
 def resolve_layers(spec: list[int] | str, num_teacher_layers: int) -> list[int]:
@@ -40,8 +40,8 @@ def resolve_layers(spec: list[int] | str, num_teacher_layers: int) -> list[int]:
     n = num_teacher_layers
     if isinstance(spec, list):
         layers = list(spec)
-    elif spec == "every_other":
-        layers = list(range(0, n, 2))
+    elif spec in ("all", "every_other"):
+        layers = list(range(0, n, 1 if spec == "all" else 2))
     else:
         kind, k = spec.split(":")
         k = int(k)
@@ -142,6 +142,40 @@ def student_from_teacher(teacher: PreTrainedModel, layers: list[int] | str,
             state[f"{match[1]}{student_index[int(match[2])]}{match[3]}"] = tensor.clone()
     student.load_state_dict(state, strict=True)
     return student
+
+
+def build_student(cfg: StudentConfig, teacher: PreTrainedModel) -> PreTrainedModel:
+    """The student: the chosen layers of `student.model` (a pretrained checkpoint) or, by
+    default, of the teacher, with the teacher's labels."""
+    if cfg.model is None:
+        return student_from_teacher(teacher, cfg.layer_spec, cfg.dropout)
+    base = AutoModelForSequenceClassification.from_pretrained(
+        cfg.model, num_labels=teacher.config.num_labels, id2label=teacher.config.id2label,
+        label2id=teacher.config.label2id)
+    return student_from_teacher(base, cfg.layer_spec, cfg.dropout)
+
+
+def check_student_model(cfg: StudentConfig, teacher_dir: str | Path) -> None:
+    """A pretrained student must read the teacher's token ids: the same vocabulary size, and
+    the same tokens where it ships a tokenizer. Checked from configs, before any weights load."""
+    if cfg.model is None:
+        return
+    _require_checkpoint(Path(cfg.model), "student.model")
+    student, teacher = AutoConfig.from_pretrained(cfg.model), AutoConfig.from_pretrained(
+        str(teacher_dir))
+    if student.vocab_size != teacher.vocab_size:
+        raise ConfigError(f"student.model: {cfg.model} has a vocabulary of {student.vocab_size}"
+                          f" tokens, the teacher {teacher.vocab_size}; the student reads the "
+                          f"teacher's token ids, so the vocabularies must match")
+    if any((Path(cfg.model) / name).is_file() for name in _TOKENIZER_FILES):
+        theirs, ours = load_tokenizer(cfg.model), load_tokenizer(teacher_dir)
+        if theirs.get_vocab() != ours.get_vocab():
+            raise ConfigError(f"student.model: {cfg.model}'s tokenizer maps tokens to other ids "
+                              f"than the teacher's ({teacher_dir}); expected the same vocabulary")
+    resolve_layers(cfg.layer_spec, num_layers_of(cfg.model, "student.model"))
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
 
 
 def count_parameters(model: torch.nn.Module) -> int:

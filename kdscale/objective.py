@@ -12,6 +12,7 @@ from kdscale.intermediate import IntermediateConfig, IntermediateLosses
 from kdscale.losses import KDLoss
 from kdscale.schedules import Schedule
 from kdscale.teacher import TeacherRunner
+from kdscale.timing import StepTimer
 from kdscale.train import model_inputs, valid_rows
 
 
@@ -62,24 +63,29 @@ class DistillStep:
         return KDLoss(self.temperature.value(self.step_index, self.total_steps),
                       self.alpha.value(self.step_index, self.total_steps))
 
-    def __call__(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+    def __call__(self, model: nn.Module, batch: dict, timer: StepTimer) -> dict[str, torch.Tensor]:
         flags = {"output_hidden_states": self.needs.hidden_mse > 0 or self.needs.hidden_cosine > 0,
                  "output_attentions": self.needs.attention_kl > 0}
-        student = model(**model_inputs(batch), **flags)
-        if "teacher_logits_ensemble" in batch:
-            teacher, teacher_logits = None, ensemble_logits(
-                batch["teacher_logits_ensemble"].float(), self.weights,
-                self.temperature.value(self.step_index, self.total_steps))
-        elif self.teacher is None:
-            teacher_logits, teacher = batch["teacher_logits"].float(), None
-        else:
-            teacher = self.teacher.outputs(batch, **flags)
-            teacher_logits = teacher.logits.float()
-        parts = self.kd_loss().parts(student.logits, teacher_logits, batch["labels"],
-                                     reduction="sum")
-        if self.needs.enabled:
-            parts = self._add_intermediate(model, parts, student, teacher, batch)
+        teacher = None
+        if self.teacher is not None:
+            with timer.phase("teacher"):
+                teacher = self.teacher.outputs(batch, **flags)
+        with timer.phase("forward"):
+            student = model(**model_inputs(batch), **flags)
+        with timer.phase("loss"):
+            parts = self.kd_loss().parts(student.logits, self._teacher_logits(batch, teacher),
+                                         batch["labels"], reduction="sum")
+            if self.needs.enabled:
+                parts = self._add_intermediate(model, parts, student, teacher, batch)
         return parts
+
+    def _teacher_logits(self, batch: dict, teacher) -> torch.Tensor:
+        if teacher is not None:
+            return teacher.logits.float()
+        if "teacher_logits_ensemble" in batch:
+            return ensemble_logits(batch["teacher_logits_ensemble"].float(), self.weights,
+                                   self.temperature.value(self.step_index, self.total_steps))
+        return batch["teacher_logits"].float()
 
     def _add_intermediate(self, model, parts, student, teacher, batch) -> dict:
         losses = _unwrap(model).intermediate

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from kdscale.config import Config, to_dict
+from kdscale.timing import PHASES, overall_breakdown
 
 COLUMNS = [("accuracy", "accuracy", "{:.4f}"), ("f1", "F1", "{:.4f}"),
            ("params", "parameters", "{:,}"), ("layers", "layers", "{}"),
@@ -33,6 +34,8 @@ def device_name() -> str:
 
 def build_report(config: Config, results: dict[str, dict]) -> dict:
     teacher, student = results["teacher"], results["student"]
+    history = {"teacher": read_history(config.teacher_dir),
+               "student": read_history(config.student_dir)}
     return {
         "teacher": teacher,
         "student": student,
@@ -41,10 +44,31 @@ def build_report(config: Config, results: dict[str, dict]) -> dict:
         "compression": teacher["params"] / student["params"],
         "device": device_name(),
         "torch_threads": torch.get_num_threads(),
-        "history": {"teacher": read_history(config.teacher_dir),
-                    "student": read_history(config.student_dir)},
+        "history": history,
+        "step_time_ms": {name: overall_breakdown(h) for name, h in history.items()},
+        "best_eval": best_eval(history["student"]),
         "config": to_dict(config),
     }
+
+
+def best_eval(history: list[dict]) -> dict | None:
+    """The best of the evaluations during distillation (the model in student_best/)."""
+    evals = [r for r in history if "eval_accuracy" in r]
+    return max(evals, key=lambda r: r["eval_accuracy"]) if evals else None
+
+
+def breakdown_lines(report: dict) -> list[str]:
+    """A markdown table of the mean step time per phase of each training run."""
+    runs = {name: t for name, t in report.get("step_time_ms", {}).items() if t}
+    if not runs:
+        return []
+    lines = ["| step time (ms) | " + " | ".join(PHASES) + " | total |",
+             "|" + "---|" * (len(PHASES) + 2)]
+    for name, times in runs.items():
+        task = "teacher fine-tune" if name == "teacher" else "student distill"
+        lines.append(f"| {task} | " + " | ".join(f"{times[p]:.1f}" for p in PHASES)
+                     + f" | {times['step']:.1f} |")
+    return ["", *lines]
 
 
 def table_rows(report: dict) -> list[list[str]]:
@@ -77,8 +101,13 @@ def markdown(report: dict) -> str:
     batch = report["config"]["eval"]["batch_size"]
     lines += ["", summary_line(report) + ".", "",
               f"Latency: median forward time of one eval batch of {batch} on "
-              f"{report['device']} ({report['torch_threads']} threads).", "",
-              "![training curves and accuracy](report.png)", ""]
+              f"{report['device']} ({report['torch_threads']} threads)."]
+    best = report.get("best_eval")
+    if best:
+        lines += ["", f"Best evaluation during distillation: accuracy {best['eval_accuracy']:.4f}"
+                  f" at step {best['step']} (saved in student_best/)."]
+    lines += breakdown_lines(report)
+    lines += ["", "![training curves and accuracy](report.png)", ""]
     return "\n".join(lines)
 
 
@@ -99,7 +128,7 @@ def plot(report: dict, path: Path) -> None:
 
     fig, (curves, bars) = plt.subplots(1, 2, figsize=(11, 4))
     for name, style in (("teacher", "-"), ("student", "--")):
-        history = report["history"][name]
+        history = [r for r in report["history"][name] if "loss" in r]  # not eval records
         if history:
             curves.plot([h["step"] for h in history], [h["loss"] for h in history], style,
                         label=f"{name} ({'fine-tune, CE' if name == 'teacher' else 'distill, KD'})")

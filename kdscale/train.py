@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from itertools import islice
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from accelerate import Accelerator
@@ -23,10 +24,17 @@ from transformers import get_linear_schedule_with_warmup
 from kdscale.checkpoint import Progress, complete_checkpoints, load_checkpoint, save_checkpoint
 from kdscale.config import ConfigError, TrainConfig
 from kdscale.distributed import reduce_sum
+from kdscale.timing import StepTimer
+from kdscale.tracking import flat_metrics
+
+if TYPE_CHECKING:
+    from kdscale.validation import PeriodicEval
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 IGNORE_INDEX = -100
-LossFn = Callable[[torch.nn.Module, dict], dict[str, torch.Tensor]]
+# loss_fn(model, batch, timer) -> sums over the batch's valid rows; it times its own
+# "teacher", "forward" and "loss" phases.
+LossFn = Callable[[torch.nn.Module, dict, StepTimer], dict[str, torch.Tensor]]
 
 
 def model_inputs(batch: dict) -> dict:
@@ -55,10 +63,12 @@ def make_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.Op
 
 def train_loop(model: torch.nn.Module, loader: torch.utils.data.DataLoader, loss_fn: LossFn,
                train: TrainConfig, accelerator: Accelerator, desc: str,
-               checkpoints: Path | None = None) -> tuple[torch.nn.Module, list[dict]]:
+               checkpoints: Path | None = None,
+               evaluator: PeriodicEval | None = None) -> tuple[torch.nn.Module, list[dict]]:
     """Train `model` on `loader` (global batches; see make_accelerator). With `checkpoints`,
-    save there every `train.checkpoint_every` steps and resume from the newest complete one.
-    Returns the prepared model and the logged history."""
+    save there every `train.checkpoint_every` steps and resume from the newest complete one;
+    with `evaluator`, evaluate every `train.eval_every` steps and keep the best model.
+    Returns the prepared model and the logged history (loss records and eval records)."""
     accum = train.gradient_accumulation_steps
     steps_per_epoch = len(loader) // accum  # an epoch's incomplete last window is dropped
     if steps_per_epoch == 0:
@@ -79,6 +89,7 @@ def train_loop(model: torch.nn.Module, loader: torch.utils.data.DataLoader, loss
     bar = tqdm(total=total_steps, initial=progress.step, desc=desc,
                disable=not accelerator.is_local_main_process)
     log_window, start = [], time.perf_counter()
+    timer = StepTimer(enabled=train.time_breakdown)
     model.train()
     while progress.step < total_steps:
         if hasattr(sampler, "set_epoch"):
@@ -86,21 +97,27 @@ def train_loop(model: torch.nn.Module, loader: torch.utils.data.DataLoader, loss
         batches = iter(accelerator.skip_first_batches(loader, progress.batches_in_epoch)
                        if progress.batches_in_epoch else loader)
         while progress.step < total_steps:
-            window = list(islice(batches, accum))
+            with timer.phase("data"):  # collating reads the cached teacher logits
+                window = list(islice(batches, accum))
             if len(window) < accum:
                 break
             if hasattr(loss_fn, "set_step"):  # losses on a schedule (temperature, alpha)
                 loss_fn.set_step(progress.step, total_steps)
             log_window.append(optimizer_step(model, window, loss_fn, optimizer, scheduler,
-                                             accelerator, train))
+                                             accelerator, train, timer))
+            timer.end_step()
             progress.step += 1
             progress.batches_in_epoch += accum
             bar.update(1)
-            if progress.step % train.log_every == 0 or progress.step == total_steps:
-                record = _log_record(log_window, accelerator, progress, start, scheduler)
+            last = progress.step == total_steps
+            if progress.step % train.log_every == 0 or last:
+                record = _log_record(log_window, accelerator, progress, start, scheduler, timer)
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
                 history.append(record)
+                accelerator.log(flat_metrics(record), step=progress.step)
                 log_window = []
+            if evaluator is not None and evaluator.due(progress.step, last):
+                history.append(evaluator.run(model, progress, history))
             every = train.checkpoint_every
             if checkpoints is not None and every and (progress.step % every == 0
                                                       or progress.step == total_steps):
@@ -124,9 +141,11 @@ def _print_plan(accelerator: Accelerator, train: TrainConfig, desc: str, total_s
 
 
 def optimizer_step(model, window: list[dict], loss_fn: LossFn, optimizer, scheduler,
-                   accelerator: Accelerator, train: TrainConfig) -> dict[str, torch.Tensor]:
+                   accelerator: Accelerator, train: TrainConfig,
+                   timer: StepTimer) -> dict[str, torch.Tensor]:
     """One optimizer step over a window of micro-batches; returns this process's sums and
-    the step's global row count."""
+    the step's global row count. (Under DeepSpeed the engine steps its optimizer inside
+    `backward`, so the timer counts that step as backward.)"""
     rows = reduce_sum(accelerator, torch.stack([valid_rows(b) for b in window]).sum())
     # Accelerate (or DeepSpeed) divides by the accumulation steps and the all-reduce averages
     # over processes: undo both, so the gradient is that of sum(loss) / rows.
@@ -134,28 +153,35 @@ def optimizer_step(model, window: list[dict], loss_fn: LossFn, optimizer, schedu
     sums: dict[str, torch.Tensor] = {}
     for batch in window:
         with accelerator.accumulate(model):
-            parts = loss_fn(model, batch)
-            accelerator.backward(parts["loss"] * scale)
-            if accelerator.sync_gradients and train.max_grad_norm:
-                accelerator.clip_grad_norm_(model.parameters(), train.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
+            parts = loss_fn(model, batch, timer)
+            with timer.phase("backward"):
+                accelerator.backward(parts["loss"] * scale)
+            with timer.phase("optimizer"):
+                if accelerator.sync_gradients and train.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), train.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
         for name, value in parts.items():
             sums[name] = sums.get(name, 0.0) + value.detach().float()
     return {**sums, "rows": rows.float()}
 
 
 def _log_record(window: list[dict], accelerator: Accelerator, progress: Progress,
-                start: float, scheduler) -> dict:
-    """Means per valid row of each loss part over the logged steps (one sync per line)."""
+                start: float, scheduler, timer: StepTimer) -> dict:
+    """Means per valid row of each loss part over the logged steps (one sync per line), and
+    this process's step-time breakdown over them."""
     rows = torch.stack([w["rows"] for w in window]).sum()
     names = [k for k in window[0] if k != "rows"]
     sums = reduce_sum(accelerator, torch.stack([sum(w[k] for w in window) for k in names]))
     means = (sums / rows.clamp(min=1)).tolist()
-    return {"step": progress.step, "epoch": progress.epoch,
-            "seconds": round(time.perf_counter() - start, 2),
-            "lr": scheduler.get_last_lr()[0], **dict(zip(names, means, strict=True))}
+    record = {"step": progress.step, "epoch": progress.epoch,
+              "seconds": round(time.perf_counter() - start, 2),
+              "lr": scheduler.get_last_lr()[0], **dict(zip(names, means, strict=True))}
+    step_ms, timed_steps = timer.take()
+    if timed_steps:
+        record.update(step_ms=step_ms, timed_steps=timed_steps)
+    return record
 
 
 def save_model(accelerator: Accelerator, model: torch.nn.Module, tokenizer, directory: Path,

@@ -29,7 +29,7 @@ def test_yaml_values_set_and_defaults_filled(write):
     assert config.loss.alpha == 0.5  # untouched key in a given section keeps its default
     assert config.distill.batch_size == 16 and config.finetune.batch_size == 32
     assert config.data.train_file == "train.tsv" and config.data.max_length == 128
-    assert config.student.layers == "first:3" and config.cache.dtype == "float16"
+    assert config.student.layer_spec == "first:3" and config.cache.dtype == "float16"
     assert config.finetune.learning_rate == 5e-5
     assert config.teacher_dir == Path("runs/x/teacher")
     assert config.cache_dir == Path("runs/x/cache")

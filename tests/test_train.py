@@ -26,7 +26,7 @@ def train(batch_size: int, accumulation: int) -> tuple[torch.Tensor, list[dict]]
         "x": torch.stack([r["x"] for r in batch]),
         "labels": torch.stack([r["labels"] for r in batch])})
 
-    def step(model, batch):
+    def step(model, batch, timer):
         logits = model(batch["x"])
         return {"loss": torch.nn.functional.cross_entropy(logits, batch["labels"],
                                                           reduction="sum")}

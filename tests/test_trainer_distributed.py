@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
 STEPS = 6
+EVAL_EVERY = 3
 
 
 def distill_config(demo: Path, out: Path, **distill) -> Path:
@@ -38,13 +39,22 @@ def distill_config(demo: Path, out: Path, **distill) -> Path:
 
 
 def history_of(out: Path) -> list[dict]:
-    return json.loads((out / "student" / "training_log.json").read_text())
+    """The loss records of a run's training log."""
+    return [r for r in json.loads((out / "student" / "training_log.json").read_text())
+            if "loss" in r]
+
+
+def evals_of(out: Path) -> list[dict]:
+    """The evaluations during training (distill.eval_every) of a run's training log."""
+    return [r for r in json.loads((out / "student" / "training_log.json").read_text())
+            if "eval_accuracy" in r]
 
 
 @pytest.fixture(scope="module")
 def one_process(quick_demo, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("one_process")
-    result = kdscale("distill", "--config", str(distill_config(quick_demo, out)), cwd=out)
+    config = distill_config(quick_demo, out, eval_every=EVAL_EVERY)
+    result = kdscale("distill", "--config", str(config), cwd=out)
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 
@@ -53,7 +63,7 @@ def one_process(quick_demo, tmp_path_factory) -> Path:
 def test_deepspeed_student_follows_the_one_process_trajectory(quick_demo, one_process,
                                                               tmp_path, stage):
     # 2 processes x 8 rows: the same global batches of 16 as the one-process run.
-    config = distill_config(quick_demo, tmp_path, batch_size=8)
+    config = distill_config(quick_demo, tmp_path, batch_size=8, eval_every=EVAL_EVERY)
     result = accelerate_launch("-m", "kdscale", "distill", "--config", config,
                                config_file=f"configs/accelerate/cpu_{stage}.yaml")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -63,6 +73,13 @@ def test_deepspeed_student_follows_the_one_process_trajectory(quick_demo, one_pr
     torch.testing.assert_close(torch.tensor([h["loss"] for h in got]),
                                torch.tensor([h["loss"] for h in expected]), rtol=2e-3, atol=1e-5)
     assert got[-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # the schedule ran to its end once
+    # Evaluation split over the processes (ZeRO-3: forwards in lockstep) scores every example
+    # once: the same accuracy as one process, up to a near-tie flipped by rounding.
+    evals, one_process_evals = evals_of(tmp_path), evals_of(one_process)
+    assert [e["step"] for e in evals] == [3, 6]
+    assert all(e["eval_examples"] == 128 for e in evals)
+    for ours, theirs in zip(evals, one_process_evals, strict=True):
+        assert ours["eval_accuracy"] == pytest.approx(theirs["eval_accuracy"], abs=1.5 / 128)
 
     # The saved student is a plain transformers model with the trained (gathered) weights.
     student = AutoModelForSequenceClassification.from_pretrained(tmp_path / "student").eval()
@@ -117,7 +134,7 @@ def _set_dropout(config: Path, value: float) -> None:
 
 
 def test_online_zero3_teacher_beside_a_zero2_student(quick_demo, one_process, tmp_path):
-    config = distill_config(quick_demo, tmp_path, batch_size=8)
+    config = distill_config(quick_demo, tmp_path, batch_size=8, eval_every=EVAL_EVERY)
     settings = json.loads(config.read_text())
     settings["teacher"].update(source="online", placement="zero3")
     settings["loss"].update(hidden_mse=1.0, attention_kl=0.5)
@@ -129,6 +146,9 @@ def test_online_zero3_teacher_beside_a_zero2_student(quick_demo, one_process, tm
     assert "2 process(es) (DEEPSPEED)" in result.stdout
     history, cached = history_of(tmp_path), history_of(one_process)
     assert all(h["hidden_mse"] > 0 and h["attention_kl"] > 0 for h in history)
+    # The breakdown shows the online teacher's forwards (a cached run has none).
+    assert all(h["step_ms"]["teacher"] > 0 for h in history)
+    assert all(h["step_ms"]["teacher"] == 0 for h in cached)
     # Step 1 sees the same batch and weights: the online teacher's KL term is the cached
     # teacher's, up to the cache's fp16 storage.
     assert history[0]["soft"] == pytest.approx(cached[0]["soft"], rel=1e-2)
@@ -136,3 +156,5 @@ def test_online_zero3_teacher_beside_a_zero2_student(quick_demo, one_process, tm
     plain = load_file(one_process / "student" / "model.safetensors")
     assert saved.keys() == plain.keys()  # the student alone: no projections, no prefix
     AutoModelForSequenceClassification.from_pretrained(tmp_path / "student")
+    best = load_file(tmp_path / "student_best" / "model.safetensors")
+    assert best.keys() == plain.keys()  # the best student is saved the same way

@@ -27,7 +27,7 @@ def main(out_path: str) -> None:
             "x": torch.stack([r["x"] for r in rows]),
             "labels": torch.stack([r["labels"] for r in rows])})
 
-    def step(model, batch):
+    def step(model, batch, timer):
         logits = model(batch["x"])
         return {"loss": torch.nn.functional.cross_entropy(logits, batch["labels"],
                                                           reduction="sum")}
