@@ -15,7 +15,7 @@ _EXPORTS = {
     "KDLoss": "kdscale.losses",
     "kd_loss": "kdscale.kernels",
     "LogitCache": "kdscale.cache",
-    "CacheWriter": "kdscale.cache",
+    "DistillationTrainer": "kdscale.hf",
     "student_from_teacher": "kdscale.models",
     "KdscaleError": "kdscale.errors",
 }

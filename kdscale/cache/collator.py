@@ -10,7 +10,8 @@ from kdscale.cache.reader import LogitCache
 
 
 class TeacherLogitsCollator:
-    """`base(examples)` plus, looked up by the batch's `example_id`:
+    """`base(examples)` plus, looked up by the examples' `example_id` (added to the batch
+    where `base` drops it):
 
     dense caches: `teacher_logits` [B, C];
     top-k caches: `teacher_topk_values` [R, k], `teacher_topk_indices` [R, k] (int64, -1 pads);
@@ -23,6 +24,8 @@ class TeacherLogitsCollator:
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         batch = self.base(examples)
+        if "example_id" not in batch:  # a base collator that keeps only the model's inputs
+            batch["example_id"] = torch.tensor([e["example_id"] for e in examples])
         ids = batch["example_id"]
         if self.cache.manifest.kind == "dense":
             batch["teacher_logits"] = self.cache.get(ids)
