@@ -25,6 +25,7 @@ from torch import nn
 from transformers import Trainer
 
 from kdscale.cache import LogitCache, TeacherLogitsCollator
+from kdscale.distributed import reduce_sum
 from kdscale.errors import KdscaleError
 from kdscale.hf_args import DistillationArguments, DistillationTrainingArguments
 from kdscale.hf_setup import (
@@ -159,9 +160,7 @@ class DistillationTrainer(Trainer):
         batches = list(islice(epoch_iterator, num_batches))
         rows = sum((valid_rows(b).to(device) for b in batches), torch.zeros((), device=device,
                                                                         dtype=torch.long))
-        if self.accelerator.num_processes > 1:
-            rows = self.accelerator.reduce(rows, reduction="sum")
-        return batches, rows
+        return batches, reduce_sum(self.accelerator, rows)
 
     # -- loss ------------------------------------------------------------------------------
 
@@ -211,9 +210,8 @@ class DistillationTrainer(Trainer):
         labelled row since the last log, over all processes (every process logs together)."""
         if "loss" in logs and self._kd_sums:
             names = [n for n in self._kd_sums if n != "rows"]
-            sums = torch.stack([self._kd_sums[n] for n in [*names, "rows"]])
-            if self.accelerator.num_processes > 1:
-                sums = self.accelerator.reduce(sums, reduction="sum")
+            sums = reduce_sum(self.accelerator,
+                              torch.stack([self._kd_sums[n] for n in [*names, "rows"]]))
             means = (sums[:-1] / sums[-1].clamp(min=1)).tolist()
             logs = {**logs, **{f"kd_{n}": round(v, 6) for n, v in zip(names, means, strict=True)}}
             self._kd_sums = {}

@@ -10,6 +10,7 @@ import torch
 
 from kdscale.config import Config, to_dict
 from kdscale.timing import PHASES, overall_breakdown
+from kdscale.validation import best_eval
 
 COLUMNS = [("accuracy", "accuracy", "{:.4f}"), ("f1", "F1", "{:.4f}"),
            ("params", "parameters", "{:,}"), ("layers", "layers", "{}"),
@@ -51,15 +52,9 @@ def build_report(config: Config, results: dict[str, dict]) -> dict:
     }
 
 
-def best_eval(history: list[dict]) -> dict | None:
-    """The best of the evaluations during distillation (the model in student_best/)."""
-    evals = [r for r in history if "eval_accuracy" in r]
-    return max(evals, key=lambda r: r["eval_accuracy"]) if evals else None
-
-
 def breakdown_lines(report: dict) -> list[str]:
     """A markdown table of the mean step time per phase of each training run."""
-    runs = {name: t for name, t in report.get("step_time_ms", {}).items() if t}
+    runs = {name: t for name, t in report["step_time_ms"].items() if t}
     if not runs:
         return []
     lines = ["| step time (ms) | " + " | ".join(PHASES) + " | total |",
@@ -102,7 +97,7 @@ def markdown(report: dict) -> str:
     lines += ["", summary_line(report) + ".", "",
               f"Latency: median forward time of one eval batch of {batch} on "
               f"{report['device']} ({report['torch_threads']} threads)."]
-    best = report.get("best_eval")
+    best = report["best_eval"]
     if best:
         lines += ["", f"Best evaluation during distillation: accuracy {best['eval_accuracy']:.4f}"
                   f" at step {best['step']} (saved in student_best/)."]

@@ -32,8 +32,8 @@ class PeriodicEval:
         """Scores the model; saves it when it beats every earlier evaluation in `history`
         (which survives a resume). Returns the eval record for the history."""
         record = {"step": progress.step, "epoch": progress.epoch, **self.score(model)}
-        earlier = [r[METRIC] for r in history if METRIC in r]
-        record["best"] = not earlier or record[METRIC] > max(earlier)
+        best = best_eval(history)
+        record["best"] = best is None or record[METRIC] > best[METRIC]
         self.accelerator.print(f"step {progress.step}: eval accuracy {record[METRIC]:.4f}"
                                + (" (best so far, saved)" if record["best"] else ""))
         if record["best"]:
@@ -44,11 +44,17 @@ class PeriodicEval:
     @torch.no_grad()
     def score(self, model: torch.nn.Module) -> dict:
         model.eval()
-        correct = total = 0
+        correct, total = torch.zeros((), dtype=torch.long, device=self.accelerator.device), 0
         for batch in self.loader:
             preds = model(**model_inputs(batch)).logits.argmax(-1)
             preds, labels = self.accelerator.gather_for_metrics((preds, batch["labels"]))
-            correct += (preds == labels).sum().item()
+            correct += (preds == labels).sum()  # summed on the device: one sync, at the end
             total += len(labels)
         model.train()
-        return {METRIC: correct / max(total, 1), "eval_examples": total}
+        return {METRIC: correct.item() / max(total, 1), "eval_examples": total}
+
+
+def best_eval(history: list[dict]) -> dict | None:
+    """The best evaluation record of a training history (the model in the best directory)."""
+    evals = [r for r in history if METRIC in r]
+    return max(evals, key=lambda r: r[METRIC]) if evals else None

@@ -38,38 +38,15 @@ def kd_loss(
     )
 
 
-def kd_loss_triton(
-    student_logits,
-    teacher_logits=None,
-    labels=None,
-    *,
-    teacher_topk_values=None,
-    teacher_topk_indices=None,
-    temperature=1.0,
-    alpha=0.5,
-    ignore_index=-100,
-    reduction="mean",
-    inplace_grad=False,
-):
-    """``kd_loss`` through the Triton kernel on any device; ``inplace_grad=True`` writes the
-    gradient over ``student_logits`` (see ``kd_loss.py``)."""
+def kd_loss_triton(student_logits, teacher_logits=None, labels=None, **options):
+    """``kd_loss`` through the Triton kernel on any device, with the same arguments plus
+    ``inplace_grad=True`` to write the gradient over ``student_logits`` (see ``kd_loss.py``)."""
     # Imported on first use, not with the package: importing the kernels imports triton and
     # fixes whether they compile or run in the interpreter (TRITON_INTERPRET is read then).
     from .kd_loss import kd_loss_triton as triton_path
 
     _restore_kd_loss()
-    return triton_path(
-        student_logits,
-        teacher_logits,
-        labels,
-        teacher_topk_values=teacher_topk_values,
-        teacher_topk_indices=teacher_topk_indices,
-        temperature=temperature,
-        alpha=alpha,
-        ignore_index=ignore_index,
-        reduction=reduction,
-        inplace_grad=inplace_grad,
-    )
+    return triton_path(student_logits, teacher_logits, labels, **options)
 
 
 _KD_LOSS = kd_loss
