@@ -27,8 +27,14 @@ from kdscale.cache.plan import ShardPlan, plan_id, plan_shards
 from kdscale.config import Config
 from kdscale.data import PaddingCollator, TaskData, check_sources, prepare
 from kdscale.distributed import process_state
-from kdscale.models import checkpoint_sha256, load_tokenizer, tokenizer_sha256
-from kdscale.teacher import TeacherRunner, load_runner
+from kdscale.models import (
+    check_inputs_fit,
+    checkpoint_sha256,
+    load_tokenizer,
+    num_layers_of,
+    tokenizer_sha256,
+)
+from kdscale.teacher import TeacherRunner, check_teacher_deepspeed_config, load_runner
 
 
 @dataclass
@@ -44,6 +50,7 @@ class CacheJob:
 
 def run_cache(config: Config) -> None:
     check_sources(config.data)
+    check_teacher_deepspeed_config(config.teacher)
     state = process_state()
     job = plan_job(config, state)
     if _cache_is_complete(job):
@@ -70,8 +77,10 @@ def run_cache(config: Config) -> None:
 
 
 def plan_job(config: Config, state) -> CacheJob:
+    num_layers_of(config.teacher_dir)  # a clear error where there is no teacher yet
     tokenizer = load_tokenizer(config.teacher_dir)
     teacher_config = AutoConfig.from_pretrained(str(config.teacher_dir))
+    check_inputs_fit(teacher_config, tokenizer, config.data.max_length, "the teacher")
     labels = [str(teacher_config.id2label[i]) for i in range(teacher_config.num_labels)]
     with state.main_process_first():  # one process tokenizes; the rest read its cache files
         data = prepare(config.data, tokenizer, "train", labels)

@@ -5,22 +5,51 @@ scheduler, and the random state of every process) plus `trainer_state.json` (the
 epoch and how many of its batches were trained, the loss history). The `COMPLETE` marker
 is written last, after every process has finished writing: a checkpoint without it is a
 job that died while saving, and is never loaded.
+
+`trainer_state.json` also records the launch that wrote it (processes, rows per process,
+accumulation, DeepSpeed or not). The data order and every step depend on the global batch
+(processes x rows per process), not on the number of processes, so a checkpoint resumes under
+another world size with the same global batch (a process the checkpoint has no random state
+for starts from the seed's: dropout masks differ, the optimization does not); under DeepSpeed,
+whose ZeRO optimizer state is partitioned by process, only under the same world size.
+`check_resume` refuses the rest at start, before anything is written.
+
+Nothing in a checkpoint is unpickled before `check_pickles` has read the names each pickle
+would import: DeepSpeed loads its files with `torch.load(weights_only=False)`.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
 
 from kdscale.cache.files import write_json_atomic
+from kdscale.config import TrainConfig
+from kdscale.errors import KdscaleError
 
 COMPLETE = "COMPLETE"
 _NAME = re.compile(r"step-(\d{8})")
+_PICKLES = {".bin", ".pt", ".pth", ".pkl"}
+# What a checkpoint's pickles may import besides tensors and plain containers: the numpy
+# random states accelerate saves and the small classes in DeepSpeed's optimizer states.
+SAFE_GLOBALS = frozenset({
+    "numpy.dtype", "numpy.ndarray", "numpy._core.multiarray._reconstruct",
+    "numpy.core.multiarray._reconstruct", "numpy.dtypes.UInt32DType",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+    "deepspeed.runtime.zero.config.ZeroStageEnum"})
+
+
+class ResumeError(KdscaleError):
+    """A checkpoint this run cannot resume from; the message names it and what differs."""
 
 
 @dataclass
@@ -28,6 +57,11 @@ class Progress:
     step: int = 0  # optimizer steps done
     epoch: int = 0
     batches_in_epoch: int = 0  # loader batches of this epoch already trained
+
+
+def checkpoint_root(output_dir: str | Path, section: str) -> Path:
+    """Where a command's checkpoints live: <output_dir>/checkpoints/<finetune|distill>."""
+    return Path(output_dir) / "checkpoints" / section
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -39,12 +73,16 @@ def complete_checkpoints(root: Path) -> list[Path]:
 
 
 def save_checkpoint(accelerator: Accelerator, root: Path, progress: Progress,
-                    history: list[dict], keep: int) -> Path:
+                    history: list[dict], keep: int, batch_size: int | None = None) -> Path:
+    """`batch_size`: rows per process, recorded so a resume can check the global batch."""
     path = root / f"step-{progress.step:08d}"
     accelerator.save_state(str(path))
     accelerator.wait_for_everyone()  # every process's files are there before the marker
     if accelerator.is_main_process:
-        state = {"progress": asdict(progress), "history": history}
+        launch = {"processes": accelerator.num_processes, "batch_size": batch_size,
+                  "gradient_accumulation_steps": accelerator.gradient_accumulation_steps,
+                  "deepspeed": accelerator.state.deepspeed_plugin is not None}
+        state = {"progress": asdict(progress), "history": history, "launch": launch}
         write_json_atomic(path / "trainer_state.json", state)
         (path / COMPLETE).write_text(f"step {progress.step}\n")
         _prune(root, keep)
@@ -65,6 +103,78 @@ def _prune(root: Path, keep: int) -> None:
 
 
 def load_checkpoint(accelerator: Accelerator, path: Path) -> tuple[Progress, list[dict]]:
+    state = read_state(path)
+    check_pickles(path)
     accelerator.load_state(str(path))
-    state = json.loads((path / "trainer_state.json").read_text())
     return Progress(**state["progress"]), state["history"]
+
+
+def read_state(path: Path) -> dict:
+    try:
+        state = json.loads((path / "trainer_state.json").read_text())
+        Progress(**state["progress"])
+        ok = isinstance(state["history"], list)
+    except (OSError, ValueError, KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise ResumeError(f"checkpoint {path} is marked complete but its trainer_state.json "
+                          f"is missing or damaged; expected {{\"progress\", \"history\"}} as "
+                          f"written by kdscale. Remove the checkpoint to resume from an older one")
+    return state
+
+
+def check_pickles(path: Path) -> None:
+    """Refuses a checkpoint whose pickles would import anything but SAFE_GLOBALS (or plain
+    tensors), by reading the names without unpickling."""
+    for file in sorted(p for p in path.rglob("*") if p.suffix in _PICKLES and p.is_file()):
+        try:
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(str(file))
+        except (ValueError, RuntimeError, OSError, pickle.UnpicklingError) as err:
+            raise ResumeError(f"checkpoint {path}: {file.relative_to(path)} is not a file "
+                              f"torch.save wrote ({err}); refused") from None
+        unsafe = sorted(set(names) - SAFE_GLOBALS)
+        if unsafe:
+            raise ResumeError(f"checkpoint {path}: {file.relative_to(path)} would import "
+                              f"{unsafe} when loaded; refused (a checkpoint holds tensors, "
+                              f"numbers and {sorted(SAFE_GLOBALS)} only)")
+
+
+def check_resume(root: Path, train: TrainConfig, section: str, processes: int,
+                 deepspeed: bool) -> None:
+    """The checkpoint a rerun would resume from, checked before anything is written."""
+    complete = complete_checkpoints(root)
+    if not complete:
+        return
+    path = complete[-1]
+    launch = read_state(path).get("launch")
+    check_pickles(path)
+    if not launch:  # written before launches were recorded
+        return
+    if launch["deepspeed"] != deepspeed or (deepspeed and launch["processes"] != processes):
+        kind = "DeepSpeed ZeRO" if launch["deepspeed"] else "plain (no DeepSpeed)"
+        raise ResumeError(f"checkpoint {path} holds {kind} state of {launch['processes']} "
+                          f"process(es); this run has {processes} process(es) "
+                          f"{'under' if deepspeed else 'without'} DeepSpeed. ZeRO partitions "
+                          f"the optimizer state by process: resume with the launch that wrote "
+                          f"it, or use another output_dir")
+    _check_global_batch(path, launch, train, section, processes)
+
+
+def _check_global_batch(path: Path, launch: dict, train: TrainConfig, section: str,
+                        processes: int) -> None:
+    accumulation = launch["gradient_accumulation_steps"]
+    if accumulation != train.gradient_accumulation_steps:
+        raise ResumeError(f"{section}.gradient_accumulation_steps: expected {accumulation}, "
+                          f"as checkpoint {path} was written with, got "
+                          f"{train.gradient_accumulation_steps}")
+    if launch["batch_size"] is None:
+        return
+    theirs, ours = launch["batch_size"] * launch["processes"], train.batch_size * processes
+    if theirs != ours:
+        hint = (f"{section}.batch_size {theirs // processes} resumes it on {processes} "
+                f"process(es)" if theirs % processes == 0 else "use the launch that wrote it")
+        raise ResumeError(f"checkpoint {path} was written with a global batch of {theirs} rows "
+                          f"({launch['processes']} process(es) x {section}.batch_size "
+                          f"{launch['batch_size']}); this run has {ours} ({processes} x "
+                          f"{train.batch_size}). The data order and every step depend on the "
+                          f"global batch: {hint}, or use another output_dir")

@@ -9,6 +9,7 @@ import sys
 
 from kdscale.config import load_config
 from kdscale.errors import KdscaleError
+from kdscale.stopping import EXIT_STOPPED, JobStopped
 
 COMMANDS = {
     "finetune": "fine-tune the teacher on the task (cross-entropy)",
@@ -16,6 +17,7 @@ COMMANDS = {
     "distill": "train a student of the teacher's layers from the logit cache",
     "eval": "evaluate teacher and student; write report.json, report.md, report.png",
     "demo": "the whole pipeline offline on a built-in task (finetune, cache, distill, eval)",
+    "env": "print what a launch will do (processes, batches, ZeRO stages, memory) and exit",
 }
 
 
@@ -31,7 +33,20 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--config", required=True, help="experiment YAML (see configs/)")
         else:
             sub.add_argument("--output_dir", default="runs/demo", help="where the demo writes")
+        if name == "env":
+            _add_env_arguments(sub)
     return parser
+
+
+def _add_env_arguments(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--accelerate_config", help="the accelerate config of the launch; "
+                     "default: the launch this runs under (or one process)")
+    sub.add_argument("--num_machines", type=int, help="as given to accelerate launch")
+    sub.add_argument("--num_processes", type=int, help="total over machines, as given to "
+                     "accelerate launch")
+    sub.add_argument("--device_memory_gib", type=float,
+                     help="memory per device, to resolve teacher.placement auto")
+    sub.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
 def run(command: str, config) -> None:
@@ -62,14 +77,29 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args, overrides = build_parser().parse_known_args(argv)
     try:
-        if args.command == "demo":
+        if args.command == "env":
+            from kdscale.launch_plan import run_env
+
+            run_env(args, load_config(args.config, overrides))
+        elif args.command == "demo":
             from kdscale.demo import run_demo
 
             run_demo(args.output_dir, overrides)
             _leave_process_group()
         else:
             run(args.command, load_config(args.config, overrides))
+    except JobStopped as stopped:  # every process stops at the same step
+        print(f"kdscale {args.command}: {stopped}", file=sys.stderr)
+        _leave_process_group()
+        return EXIT_STOPPED
     except (KdscaleError, FileNotFoundError) as err:
         print(f"kdscale {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:  # a hung or dead peer: say so instead of a gloo/NCCL trace
+        from kdscale.distributed import timed_out, timeout_message
+
+        if not timed_out(err):
+            raise
+        print(f"kdscale {args.command}: error: {timeout_message(err)}", file=sys.stderr)
         return 2
     return 0

@@ -106,7 +106,9 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     max_steps: int | None = None  # stop early (quick runs); None trains all epochs
     log_every: int = 10
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    # "launch": what the launcher was told (an accelerate config's mixed_precision, or
+    # --mixed_precision); "no" without a launcher. A value here wins over the launch.
+    mixed_precision: Literal["launch", "no", "bf16", "fp16"] = "launch"
     checkpoint_every: int | None = None  # optimizer steps between checkpoints; None: none
     keep_checkpoints: int = 2  # the newest complete ones are kept
     eval_every: int | None = None  # optimizer steps between evaluations (best model kept)

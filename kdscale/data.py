@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import datasets
 import torch
+from datasets.exceptions import DatasetGenerationError
 
 from kdscale.config import DataConfig
 from kdscale.errors import KdscaleError
@@ -63,10 +65,27 @@ def check_sources(cfg: DataConfig) -> None:
                             f"expected one of {sorted(_BUILDERS)}")
         if not Path(path).is_file():
             raise DataError(f"data.{key}: file {path} does not exist")
+        if _is_empty(Path(path)):
+            raise DataError(f"data.{key}: data file {path} has no rows")
         columns = _peek_columns(Path(path))
         if columns is not None:
             renamed = [(cfg.rename_columns or {}).get(c, c) for c in columns]
             _check_columns(renamed, cfg, f"data file {path}")
+
+
+def _is_empty(path: Path) -> bool:
+    """No rows: an empty file, or a csv/tsv header alone (which `datasets` reports as an
+    obscure 'corresponds to no data')."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet
+
+        try:
+            return pyarrow.parquet.read_metadata(path).num_rows == 0
+        except (OSError, ValueError):  # not parquet: load_raw names the file
+            return False
+    with path.open(encoding="utf-8-sig", errors="replace") as f:
+        lines = [line for line in (f.readline(), f.readline()) if line.strip()]
+    return len(lines) < (2 if path.suffix in (".csv", ".tsv") else 1)
 
 
 def _peek_columns(path: Path) -> list[str] | None:
@@ -91,8 +110,7 @@ def load_raw(cfg: DataConfig, split: str) -> datasets.Dataset:
     check_sources(cfg)
     path = cfg.train_file if split == "train" else cfg.eval_file
     if path is not None:
-        builder, kwargs = _BUILDERS[Path(path).suffix]
-        raw = datasets.load_dataset(builder, data_files={"data": str(path)}, split="data", **kwargs)
+        raw = _load_file(Path(path), split)
         where = f"data file {path}"
     elif cfg.dataset is not None:
         hub_split = cfg.train_split if split == "train" else cfg.eval_split
@@ -107,8 +125,40 @@ def load_raw(cfg: DataConfig, split: str) -> datasets.Dataset:
         raise DataError(f"{where} has no rows")
     # The id is the row's position in its source: stable across runs, processes and machines.
     raw = raw.add_column("example_id", list(range(len(raw))))
+    _check_label_values(raw, cfg, where)
     limit = cfg.max_train_examples if split == "train" else cfg.max_eval_examples
     return raw.select(range(min(limit, len(raw)))) if limit else raw
+
+
+def _load_file(path: Path, split: str) -> datasets.Dataset:
+    builder, kwargs = _BUILDERS[path.suffix]
+    try:
+        return datasets.load_dataset(builder, data_files={"data": str(path)}, split="data",
+                                     **kwargs)
+    except (ValueError, OSError, StopIteration, DatasetGenerationError) as err:
+        # DatasetGenerationError says only that generation failed; its cause says why.
+        cause = err.__cause__ if isinstance(err, DatasetGenerationError) and err.__cause__ else err
+        text = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        raise DataError(f"data.{split}_file: {path} cannot be read as {builder}: {text}") from err
+
+
+def _check_label_values(raw: datasets.Dataset, cfg: DataConfig, where: str) -> None:
+    """Every row has a label, and labels are class ids or names: a missing label would
+    become a class of its own ('None', 'nan'), a fractional one a class per value."""
+    column = cfg.label_column
+    if isinstance(raw.features[column], datasets.ClassLabel):
+        return
+    values = raw.unique(column)
+    if any(v is None or (isinstance(v, float) and math.isnan(v)) for v in values):
+        ids = [i for i, v in zip(raw["example_id"], raw[column], strict=True)
+               if v is None or (isinstance(v, float) and math.isnan(v))]
+        raise DataError(f"data.label_column: {len(ids)} row(s) of {where} have no "
+                        f"{column!r} (example ids {ids[:5]}); expected a label in every row")
+    fractional = [v for v in values if isinstance(v, float) and not v.is_integer()]
+    if fractional:
+        raise DataError(f"data.label_column: {where} has label {fractional[0]!r}; expected "
+                        f"class ids (integers) or class names (a regression target cannot be "
+                        f"distilled as classes)")
 
 
 def _check_columns(columns: list[str], cfg: DataConfig, where: str) -> None:
@@ -142,6 +192,7 @@ def prepare(cfg: DataConfig, tokenizer, split: str,
     is_class_label = isinstance(raw.features[cfg.label_column], datasets.ClassLabel)
 
     def tokenize(batch: dict) -> dict:
+        _check_texts(batch, cfg)
         pairs = batch[cfg.text_pair_column] if cfg.text_pair_column else None
         encoded = tokenizer(batch[cfg.text_column], pairs, truncation=True,
                             max_length=cfg.max_length)
@@ -157,6 +208,19 @@ def prepare(cfg: DataConfig, tokenizer, split: str,
     tokenized = raw.map(tokenize, batched=True, desc=f"tokenizing {split}",
                         remove_columns=[c for c in raw.column_names if c not in keep])
     return TaskData(tokenized, label_names, fingerprint(tokenized, cfg.max_length))
+
+
+def _check_texts(batch: dict, cfg: DataConfig) -> None:
+    """A row without text: the tokenizer would stop with a message naming neither."""
+    for key in ("text_column", "text_pair_column"):
+        column = getattr(cfg, key)
+        if column is None:
+            continue
+        ids = [i for i, text in zip(batch["example_id"], batch[column], strict=True)
+               if not isinstance(text, str)]
+        if ids:
+            raise DataError(f"data.{key}: rows with example ids {ids[:5]} have no text in "
+                            f"column {column!r}; expected a string in every row")
 
 
 def fingerprint(dataset: datasets.Dataset, max_length: int) -> str:

@@ -27,22 +27,55 @@ def known_top_level_keys() -> set[str]:
     return names | _SECTIONS
 
 
+# Top-level sizes DeepSpeed would only reject at initialize (or never: a zero clipping norm).
+_POSITIVE_INTS = ("train_batch_size", "train_micro_batch_size_per_gpu",
+                  "gradient_accumulation_steps")
+
+
+def read_deepspeed_config(path: str | Path, where: str) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{where}: file {path} does not exist (expected a DeepSpeed JSON)")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{where}: {path} is not valid JSON: {err}") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{where}: {path} must hold a JSON object of DeepSpeed settings, "
+                          f"got {type(config).__name__}")
+    return config
+
+
 def check_deepspeed_config(config: dict | str | Path, where: str) -> None:
     if not isinstance(config, dict):
-        path = Path(config)
-        if not path.is_file():
-            raise ConfigError(f"{where}: DeepSpeed config {path} does not exist")
-        try:
-            config = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{where}: {path} is not valid JSON: {err}") from None
+        config = read_deepspeed_config(config, where)
     known = known_top_level_keys()
     for key in config:
         close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.85)
         if key not in known and close:
             raise ConfigError(f"{where}: unknown DeepSpeed key {key!r} (did you mean "
                               f"{close[0]!r}?)")
+    _check_values(config, where)
     _check_zero_section(config.get("zero_optimization", {}), where)
+
+
+def _check_values(config: dict, where: str) -> None:
+    for key in _POSITIVE_INTS:
+        value = config.get(key, "auto")
+        ok = value == "auto" or (isinstance(value, int) and not isinstance(value, bool)
+                                 and value > 0)
+        if not ok:
+            raise ConfigError(f"{where}: DeepSpeed key {key!r}: expected an integer > 0 or "
+                              f"\"auto\", got {value!r}")
+    clipping = config.get("gradient_clipping", "auto")
+    ok = clipping == "auto" or (isinstance(clipping, (int, float))
+                                and not isinstance(clipping, bool) and clipping >= 0)
+    if not ok:
+        raise ConfigError(f"{where}: DeepSpeed key 'gradient_clipping': expected a number >= 0 "
+                          f"or \"auto\", got {clipping!r}")
+    if not isinstance(config.get("zero_optimization", {}), dict):
+        raise ConfigError(f"{where}: DeepSpeed key 'zero_optimization': expected an object "
+                          f"such as {{\"stage\": 2}}, got {config['zero_optimization']!r}")
 
 
 def _check_zero_section(zero: dict, where: str) -> None:

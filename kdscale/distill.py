@@ -3,16 +3,21 @@ logits (default) or from the teacher run online beside it."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from kdscale.cache import LogitCache
 from kdscale.cache.collator import EnsembleLogitsCollator, TeacherLogitsCollator
+from kdscale.checkpoint import check_resume, checkpoint_root
 from kdscale.config import Config, ConfigError, StudentConfig, to_dict
 from kdscale.data import PaddingCollator, check_sources, make_loader, prepare
-from kdscale.distributed import check_launch_deepspeed_config, make_accelerator, process_state
+from kdscale.distributed import (
+    check_launch_deepspeed_config,
+    make_accelerator,
+    process_state,
+    uses_deepspeed,
+)
 from kdscale.intermediate import IntermediateLosses
 from kdscale.models import (
     build_student,
+    check_inputs_fit,
     check_student_model,
     checkpoint_sha256,
     label_names,
@@ -23,7 +28,7 @@ from kdscale.models import (
     tokenizer_sha256,
 )
 from kdscale.objective import DistillStep, StudentWithProjections, intermediate_config
-from kdscale.teacher import load_runner
+from kdscale.teacher import check_teacher_deepspeed_config, load_runner
 from kdscale.timing import print_breakdown
 from kdscale.tracking import log_dir, start_tracking
 from kdscale.train import save_model, train_loop
@@ -35,7 +40,12 @@ def open_caches(config: Config) -> list[LogitCache]:
     if config.teacher.source == "online":
         return []
     if not config.cache.ensemble:
-        return [LogitCache(config.cache_dir)]
+        cache = LogitCache(config.cache_dir)
+        if cache.manifest.kind != "dense":
+            raise ConfigError(f"cache.dir: {config.cache_dir} holds top-{cache.manifest.k} "
+                              f"logits; a sequence classifier distils from a dense cache "
+                              f"(`kdscale cache` with cache.kind dense)")
+        return [cache]
     caches = [LogitCache(directory) for directory in config.cache.ensemble]
     for directory, cache in zip(config.cache.ensemble, caches, strict=True):
         if cache.manifest.kind != "dense":
@@ -52,12 +62,17 @@ def run_distill(config: Config) -> None:
     if not config.student.model:
         resolve_layers(config.student.layer_spec, num_layers_of(config.teacher_dir))
     online = config.teacher.source == "online"
+    if online:
+        check_teacher_deepspeed_config(config.teacher)
     caches = open_caches(config)
     # Attention maps only come from the eager attention implementation.
     attention = "eager" if config.loss.attention_kl > 0 else None
     tokenizer = load_tokenizer(config.teacher_dir)
     teacher = load_classifier(config.teacher_dir, "teacher", attn_implementation=attention)
+    check_inputs_fit(teacher.config, tokenizer, config.data.max_length, "the teacher")
     state = process_state()
+    check_resume(checkpoint_root(config.output_dir, "distill"), config.distill, "distill",
+                 state.num_processes, uses_deepspeed())
     labels = label_names(teacher)
     with state.main_process_first():  # one process tokenizes, the rest read its files
         train = prepare(config.data, tokenizer, "train", labels)
@@ -83,7 +98,7 @@ def run_distill(config: Config) -> None:
     step = DistillStep(config.loss, runner, config.cache.ensemble_weights)
     model, history = train_loop(model, loader, step,
                                 config.distill, accelerator, desc="distill student",
-                                checkpoints=Path(config.output_dir) / "checkpoints" / "distill",
+                                checkpoints=checkpoint_root(config.output_dir, "distill"),
                                 evaluator=evaluator)
     save_model(accelerator, model, tokenizer, config.student_dir, history, submodule=submodule)
     accelerator.print(f"student saved to {config.student_dir}")

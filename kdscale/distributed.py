@@ -65,7 +65,8 @@ def make_accelerator(train: TrainConfig, seed: int, section: str = "train",
         # epoch's end must not cut one short (the loop drops an incomplete tail instead).
         sync_with_dataloader=False)
     accelerator = Accelerator(cpu=not torch.cuda.is_available() and not uses_deepspeed(),
-                              mixed_precision=train.mixed_precision,
+                              mixed_precision=None if train.mixed_precision == "launch"
+                              else train.mixed_precision,
                               dataloader_config=DataLoaderConfiguration(split_batches=True),
                               gradient_accumulation_plugin=accumulation,
                               log_with=log_with, project_dir=log_dir)

@@ -11,7 +11,13 @@ import torch
 from kdscale.config import Config
 from kdscale.data import PaddingCollator, check_sources, make_loader, prepare
 from kdscale.distributed import process_state
-from kdscale.models import count_parameters, label_names, load_classifier, load_tokenizer
+from kdscale.models import (
+    check_inputs_fit,
+    count_parameters,
+    label_names,
+    load_classifier,
+    load_tokenizer,
+)
 from kdscale.report import build_report, print_table, write_report
 from kdscale.train import model_inputs
 
@@ -79,6 +85,8 @@ def evaluate_and_report(config: Config) -> dict:
     tokenizer = load_tokenizer(config.teacher_dir)
     teacher = load_classifier(config.teacher_dir, "teacher")
     student = load_classifier(config.student_dir, "student")
+    for name, model in (("the teacher", teacher), ("the student", student)):
+        check_inputs_fit(model.config, tokenizer, config.data.max_length, name)
     eval_data = prepare(config.data, tokenizer, "eval", label_names(teacher))
     collate = PaddingCollator(tokenizer.pad_token_id)
     loader = make_loader(eval_data, config.eval.batch_size, collate, shuffle=False)

@@ -6,10 +6,22 @@ from pathlib import Path
 
 import torch
 
+from kdscale.checkpoint import check_resume, checkpoint_root
 from kdscale.config import Config, ConfigError, to_dict
 from kdscale.data import PaddingCollator, check_sources, make_loader, prepare
-from kdscale.distributed import check_launch_deepspeed_config, make_accelerator, process_state
-from kdscale.models import load_teacher, load_tokenizer, num_layers_of, resolve_layers
+from kdscale.distributed import (
+    check_launch_deepspeed_config,
+    make_accelerator,
+    process_state,
+    uses_deepspeed,
+)
+from kdscale.models import (
+    check_inputs_fit,
+    load_teacher,
+    load_tokenizer,
+    num_layers_of,
+    resolve_layers,
+)
 from kdscale.timing import StepTimer, print_breakdown
 from kdscale.tracking import log_dir, start_tracking
 from kdscale.train import model_inputs, save_model, train_loop
@@ -41,10 +53,15 @@ def run_finetune(config: Config) -> None:
     check_sources(config.data)
     check_teacher_inputs(config)
     check_launch_deepspeed_config()
-    tokenizer = load_tokenizer(config.teacher.tokenizer or config.teacher.model)
-    with process_state().main_process_first():  # one tokenizes, the rest read its files
+    state = process_state()
+    check_resume(checkpoint_root(config.output_dir, "finetune"), config.finetune, "finetune",
+                 state.num_processes, uses_deepspeed())
+    tokenizer = load_tokenizer(config.teacher.tokenizer or config.teacher.model,
+                               "teacher.tokenizer" if config.teacher.tokenizer else "teacher.model")
+    with state.main_process_first():  # one tokenizes, the rest read its files
         train = prepare(config.data, tokenizer, "train")
     teacher = load_teacher(config.teacher, train.num_labels)
+    check_inputs_fit(teacher.config, tokenizer, config.data.max_length, "the teacher")
     teacher.config.id2label = dict(enumerate(train.label_names))
     teacher.config.label2id = {name: i for i, name in enumerate(train.label_names)}
     # After the model is built: ZeRO-3 then partitions it in prepare().
@@ -56,7 +73,7 @@ def run_finetune(config: Config) -> None:
                          shuffle=True, seed=config.seed)
     teacher, history = train_loop(teacher, loader, cross_entropy_step, config.finetune,
                                   accelerator, desc="finetune teacher",
-                                  checkpoints=Path(config.output_dir) / "checkpoints" / "finetune")
+                                  checkpoints=checkpoint_root(config.output_dir, "finetune"))
     save_model(accelerator, teacher, tokenizer, config.teacher_dir, history)
     accelerator.print(f"teacher saved to {config.teacher_dir}")
     print_breakdown(accelerator, history)

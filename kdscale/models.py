@@ -3,14 +3,18 @@ building a smaller student from a teacher's own layers (the BERT recipe)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import hashlib
 import json
+import pickle
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
@@ -20,10 +24,18 @@ from transformers import (
 )
 
 from kdscale.config import ConfigError, StudentConfig, TeacherConfig
+from kdscale.errors import KdscaleError
 
 # Transformer blocks in BERT-family state dicts: bert/roberta/electra use `encoder.layer.N.`,
 # DistilBERT `transformer.layer.N.`.
 _LAYER_KEY = re.compile(r"^(.*?(?:encoder|transformer)\.layer\.)(\d+)(\..*)$")
+# RoBERTa-style models count positions from padding_idx + 1, so two of them are never used.
+_OFFSET_POSITIONS = {"roberta", "xlm-roberta", "camembert", "longformer", "data2vec-text"}
+
+
+class CheckpointError(KdscaleError, FileNotFoundError):
+    """A model or tokenizer that cannot be loaded; the message names its directory or name.
+    Also a FileNotFoundError, which a missing checkpoint has always raised."""
 
 
 def check_layer_spec(spec: list[int] | str) -> None:
@@ -87,23 +99,43 @@ def load_teacher(cfg: TeacherConfig, num_labels: int) -> PreTrainedModel:
     if cfg.model is None:
         raise ConfigError("teacher: set teacher.model (hub name or local directory) or "
                           "teacher.config (inline model config)")
-    return AutoModelForSequenceClassification.from_pretrained(cfg.model, num_labels=num_labels)
+    with _loading(f"teacher.model {cfg.model}"):
+        return AutoModelForSequenceClassification.from_pretrained(cfg.model,
+                                                                  num_labels=num_labels)
 
 
 def load_classifier(directory: str | Path, what: str = "model",
                     attn_implementation: str | None = None) -> PreTrainedModel:
-    """A fine-tuned sequence classifier saved by kdscale (or any `save_pretrained` directory)."""
+    """A fine-tuned sequence classifier saved by kdscale (or any `save_pretrained` directory).
+    Weights are read without running code: safetensors, or torch.load(weights_only=True) for a
+    `.bin` file (transformers' default); code shipped in the directory runs only with
+    trust_remote_code, which kdscale never passes."""
     _require_checkpoint(Path(directory), what)
     options = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    return AutoModelForSequenceClassification.from_pretrained(directory, **options)
+    with _loading(f"{what} checkpoint {directory}"):
+        return AutoModelForSequenceClassification.from_pretrained(directory, **options)
+
+
+@contextlib.contextmanager
+def _loading(what: str) -> Iterator[None]:
+    """transformers reports a damaged, unsafe or absent checkpoint with whatever the failing
+    layer raised (OSError, a safetensors or unpickling error, a size mismatch): one error,
+    naming the checkpoint, instead."""
+    try:
+        yield
+    except KdscaleError:
+        raise
+    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError, SafetensorError) as err:
+        cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{what} cannot be loaded: {cause}") from err
 
 
 def _require_checkpoint(directory: Path, what: str) -> None:
     if not (directory / "config.json").is_file():
         hint = ("; run `kdscale finetune` first or set teacher.checkpoint"
                 if what == "teacher" else "")
-        raise FileNotFoundError(f"{what} checkpoint {directory} has no config.json (expected a "
-                                f"directory written by save_pretrained){hint}")
+        raise CheckpointError(f"{what} checkpoint {directory} has no config.json (expected a "
+                              f"directory written by save_pretrained){hint}")
 
 
 def label_names(model: PreTrainedModel) -> list[str]:
@@ -111,14 +143,33 @@ def label_names(model: PreTrainedModel) -> list[str]:
     return [str(model.config.id2label[i]) for i in range(model.config.num_labels)]
 
 
-def load_tokenizer(name_or_dir: str | Path):
-    return AutoTokenizer.from_pretrained(str(name_or_dir))
+def load_tokenizer(name_or_dir: str | Path, what: str = "tokenizer"):
+    with _loading(f"{what} {name_or_dir}"):
+        return AutoTokenizer.from_pretrained(str(name_or_dir))
+
+
+def check_inputs_fit(config, tokenizer, max_length: int, what: str) -> None:
+    """The token ids and positions the data will feed a model must exist in it: an id past
+    its embedding table or a position past its position embeddings fails deep inside a
+    forward pass, or only on the first long example."""
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is not None and config.model_type in _OFFSET_POSITIONS:
+        positions -= (config.pad_token_id or 0) + 1
+    if positions is not None and max_length > positions:
+        raise ConfigError(f"data.max_length: expected at most {positions}, the positions "
+                          f"{what} has (max_position_embeddings), got {max_length}")
+    vocab = getattr(config, "vocab_size", None)
+    if vocab is not None and len(tokenizer) > vocab:
+        raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but {what} embeds only "
+                          f"{vocab} (vocab_size); its ids would run past the embedding table. "
+                          f"Expected the tokenizer the model was trained with")
 
 
 def num_layers_of(checkpoint: str | Path, what: str = "teacher") -> int:
     """How many transformer layers a saved model has, read from its config alone (cheap)."""
     _require_checkpoint(Path(checkpoint), what)
-    config = AutoConfig.from_pretrained(str(checkpoint))
+    with _loading(f"{what} checkpoint {checkpoint}"):
+        config = AutoConfig.from_pretrained(str(checkpoint))
     return getattr(config, "num_hidden_layers", None) or config.n_layers
 
 
@@ -149,9 +200,10 @@ def build_student(cfg: StudentConfig, teacher: PreTrainedModel) -> PreTrainedMod
     default, of the teacher, with the teacher's labels."""
     if cfg.model is None:
         return student_from_teacher(teacher, cfg.layer_spec, cfg.dropout)
-    base = AutoModelForSequenceClassification.from_pretrained(
-        cfg.model, num_labels=teacher.config.num_labels, id2label=teacher.config.id2label,
-        label2id=teacher.config.label2id)
+    with _loading(f"student.model {cfg.model}"):
+        base = AutoModelForSequenceClassification.from_pretrained(
+            cfg.model, num_labels=teacher.config.num_labels, id2label=teacher.config.id2label,
+            label2id=teacher.config.label2id)
     return student_from_teacher(base, cfg.layer_spec, cfg.dropout)
 
 
@@ -161,14 +213,15 @@ def check_student_model(cfg: StudentConfig, teacher_dir: str | Path) -> None:
     if cfg.model is None:
         return
     _require_checkpoint(Path(cfg.model), "student.model")
-    student, teacher = AutoConfig.from_pretrained(cfg.model), AutoConfig.from_pretrained(
-        str(teacher_dir))
+    with _loading(f"student.model {cfg.model}"):
+        student = AutoConfig.from_pretrained(cfg.model)
+    teacher = AutoConfig.from_pretrained(str(teacher_dir))
     if student.vocab_size != teacher.vocab_size:
         raise ConfigError(f"student.model: {cfg.model} has a vocabulary of {student.vocab_size}"
                           f" tokens, the teacher {teacher.vocab_size}; the student reads the "
                           f"teacher's token ids, so the vocabularies must match")
     if any((Path(cfg.model) / name).is_file() for name in _TOKENIZER_FILES):
-        theirs, ours = load_tokenizer(cfg.model), load_tokenizer(teacher_dir)
+        theirs, ours = load_tokenizer(cfg.model, "student.model"), load_tokenizer(teacher_dir)
         if theirs.get_vocab() != ours.get_vocab():
             raise ConfigError(f"student.model: {cfg.model}'s tokenizer maps tokens to other ids "
                               f"than the teacher's ({teacher_dir}); expected the same vocabulary")
@@ -197,8 +250,8 @@ def checkpoint_sha256(directory: str | Path) -> str:
     directory = Path(directory)
     files = sorted(p for p in directory.iterdir() if p.suffix in (".safetensors", ".bin"))
     if not files:
-        raise FileNotFoundError(f"checkpoint {directory} has no weight files "
-                                f"(*.safetensors or *.bin)")
+        raise CheckpointError(f"checkpoint {directory} has no weight files "
+                              f"(*.safetensors or *.bin)")
     digest = hashlib.sha256()
     for path in files:
         digest.update(path.name.encode())

@@ -10,7 +10,6 @@ and the free memory per process, and says why.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,11 +74,11 @@ def choose_placement(requested: str, weight_bytes: int, free_bytes: int,
 def deepspeed_config(cfg: TeacherConfig, placement: str, batch_size: int,
                      dtype: torch.dtype, hidden_size: int) -> dict:
     """The teacher's DeepSpeed config with its "auto" values filled, as Accelerate would."""
+    from kdscale.deepspeed_config import check_deepspeed_config, read_deepspeed_config
+
     path = Path(cfg.deepspeed_config) if cfg.deepspeed_config else configs.path(
         DEEPSPEED_CONFIGS[placement])
-    if not path.is_file():
-        raise ConfigError(f"teacher.deepspeed_config: file {path} does not exist")
-    ds = json.loads(path.read_text())
+    ds = read_deepspeed_config(path, "teacher.deepspeed_config")
     ds["train_micro_batch_size_per_gpu"] = batch_size
     ds.setdefault("bf16", {})["enabled"] = dtype == torch.bfloat16
     ds.setdefault("fp16", {})["enabled"] = dtype == torch.float16
@@ -88,14 +87,21 @@ def deepspeed_config(cfg: TeacherConfig, placement: str, batch_size: int,
         zero["stage3_param_persistence_threshold"] = 10 * hidden_size
     if zero.get("stage3_prefetch_bucket_size") == "auto":
         zero["stage3_prefetch_bucket_size"] = int(0.9 * hidden_size * hidden_size)
-    from kdscale.deepspeed_config import check_deepspeed_config
-
     check_deepspeed_config(ds, f"teacher DeepSpeed config {path}")
     unfilled = [key for key, value in _leaves(ds) if value == "auto"]
     if unfilled:
         raise ConfigError(f"{path}: kdscale cannot fill {unfilled} for the teacher; "
                           f"set them to values")
     return ds
+
+
+def check_teacher_deepspeed_config(cfg: TeacherConfig) -> None:
+    """A teacher.deepspeed_config is read only when the teacher loads, after a cache job has
+    prepared its directory: checked at start instead."""
+    if cfg.deepspeed_config is not None and cfg.placement != "replicate":
+        from kdscale.deepspeed_config import check_deepspeed_config
+
+        check_deepspeed_config(cfg.deepspeed_config, "teacher.deepspeed_config")
 
 
 def _leaves(tree: dict, prefix: str = ""):

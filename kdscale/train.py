@@ -24,6 +24,7 @@ from transformers import get_linear_schedule_with_warmup
 from kdscale.checkpoint import Progress, complete_checkpoints, load_checkpoint, save_checkpoint
 from kdscale.config import ConfigError, TrainConfig
 from kdscale.distributed import reduce_sum
+from kdscale.stopping import JobStopped, StopRequest
 from kdscale.timing import StepTimer
 from kdscale.tracking import flat_metrics
 
@@ -90,44 +91,59 @@ def train_loop(model: torch.nn.Module, loader: torch.utils.data.DataLoader, loss
                disable=not accelerator.is_local_main_process)
     log_window, start = [], time.perf_counter()
     timer = StepTimer(enabled=train.time_breakdown)
+    stop = StopRequest()
     model.train()
-    while progress.step < total_steps:
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(progress.epoch)
-        batches = iter(accelerator.skip_first_batches(loader, progress.batches_in_epoch)
-                       if progress.batches_in_epoch else loader)
+    with stop.listening():
         while progress.step < total_steps:
-            with timer.phase("data"):  # collating reads the cached teacher logits
-                window = list(islice(batches, accum))
-            if len(window) < accum:
-                break
-            if hasattr(loss_fn, "set_step"):  # losses on a schedule (temperature, alpha)
-                loss_fn.set_step(progress.step, total_steps)
-            log_window.append(optimizer_step(model, window, loss_fn, optimizer, scheduler,
-                                             accelerator, train, timer))
-            timer.end_step()
-            progress.step += 1
-            progress.batches_in_epoch += accum
-            bar.update(1)
-            last = progress.step == total_steps
-            if progress.step % train.log_every == 0 or last:
-                record = _log_record(log_window, accelerator, progress, start, scheduler, timer)
-                bar.set_postfix(loss=f"{record['loss']:.4f}")
-                history.append(record)
-                accelerator.log(flat_metrics(record), step=progress.step)
-                log_window = []
-            if evaluator is not None and evaluator.due(progress.step, last):
-                history.append(evaluator.run(model, progress, history))
-            every = train.checkpoint_every
-            if checkpoints is not None and every and (progress.step % every == 0
-                                                      or progress.step == total_steps):
-                save_checkpoint(accelerator, checkpoints, progress, history,
-                                train.keep_checkpoints)
-        if progress.step < total_steps:  # the epoch ran out: start the next one
-            progress.epoch += 1
-            progress.batches_in_epoch = 0
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(progress.epoch)
+            batches = iter(accelerator.skip_first_batches(loader, progress.batches_in_epoch)
+                           if progress.batches_in_epoch else loader)
+            while progress.step < total_steps:
+                with timer.phase("data"):  # collating reads the cached teacher logits
+                    window = list(islice(batches, accum))
+                if len(window) < accum:
+                    break
+                if hasattr(loss_fn, "set_step"):  # losses on a schedule (temperature, alpha)
+                    loss_fn.set_step(progress.step, total_steps)
+                log_window.append(optimizer_step(model, window, loss_fn, optimizer, scheduler,
+                                                 accelerator, train, timer))
+                timer.end_step()
+                progress.step += 1
+                progress.batches_in_epoch += accum
+                bar.update(1)
+                last = progress.step == total_steps
+                logged = progress.step % train.log_every == 0 or last
+                if logged:
+                    record = _log_record(log_window, accelerator, progress, start, scheduler,
+                                         timer)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}")
+                    history.append(record)
+                    accelerator.log(flat_metrics(record), step=progress.step)
+                    log_window = []
+                if evaluator is not None and evaluator.due(progress.step, last):
+                    history.append(evaluator.run(model, progress, history))
+                every, saved = train.checkpoint_every, None
+                if checkpoints is not None and every and (progress.step % every == 0 or last):
+                    saved = save_checkpoint(accelerator, checkpoints, progress, history,
+                                            train.keep_checkpoints, train.batch_size)
+                if logged and not last and stop.agreed(accelerator):
+                    _stop_here(accelerator, checkpoints, saved, progress, history, train, desc)
+            if progress.step < total_steps:  # the epoch ran out: start the next one
+                progress.epoch += 1
+                progress.batches_in_epoch = 0
     bar.close()
     return model, history
+
+
+def _stop_here(accelerator: Accelerator, checkpoints: Path | None, saved: Path | None,
+               progress: Progress, history: list[dict], train: TrainConfig, desc: str) -> None:
+    """Save where the job stands (unless this step was just saved) and leave: a rerun of
+    the same command resumes here."""
+    if saved is None and checkpoints is not None:
+        saved = save_checkpoint(accelerator, checkpoints, progress, history,
+                                train.keep_checkpoints, train.batch_size)
+    raise JobStopped(desc, progress.step, saved)
 
 
 def _print_plan(accelerator: Accelerator, train: TrainConfig, desc: str, total_steps: int,

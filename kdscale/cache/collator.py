@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import torch
 
+from kdscale.cache.format import CacheError
 from kdscale.cache.reader import LogitCache
 
 
@@ -28,9 +29,10 @@ class TeacherLogitsCollator:
             batch["example_id"] = torch.tensor([e["example_id"] for e in examples])
         ids = batch["example_id"]
         if self.cache.manifest.kind == "dense":
-            batch["teacher_logits"] = self.cache.get(ids)
+            batch["teacher_logits"] = finite(self.cache.get(ids), ids, self.cache)
             return batch
         topk = self.cache.get_topk(ids)
+        finite(topk.values.masked_fill(topk.indices < 0, 0), ids, self.cache)  # pads may be -inf
         batch["teacher_topk_values"], batch["teacher_topk_indices"] = topk.values, topk.indices
         if topk.positions is not None:
             batch["teacher_topk_positions"] = topk.positions
@@ -47,6 +49,21 @@ class EnsembleLogitsCollator:
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         batch = self.base(examples)
+        ids = batch["example_id"]
         batch["teacher_logits_ensemble"] = torch.stack(
-            [cache.get(batch["example_id"]) for cache in self.caches])
+            [finite(cache.get(ids), ids, cache) for cache in self.caches])
         return batch
+
+
+def finite(logits: torch.Tensor, ids: torch.Tensor, cache: LogitCache) -> torch.Tensor:
+    """The writer refuses NaN and inf, but a shard can be damaged on disk or written by other
+    code; one such row would turn every weight to NaN at the next step, silently. Checked
+    on the batch's few rows, before the step, so no checkpoint holds its result."""
+    bad = ~torch.isfinite(logits)
+    if bad.any():
+        rows = bad.reshape(len(logits), -1).any(dim=1) if len(logits) == len(ids) else None
+        named = ids[rows].tolist()[:5] if rows is not None else ids.tolist()[:5]
+        raise CacheError(f"the logit cache at {cache.directory} holds NaN or inf teacher logits "
+                         f"for example ids {named}; expected finite values. Check it with "
+                         f"LogitCache.verify() and rebuild it with `kdscale cache`")
+    return logits

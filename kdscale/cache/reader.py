@@ -81,10 +81,15 @@ def _layout(m: CacheManifest, shard: dict[str, Any],
 
 
 def _open_shard(directory: Path, m: CacheManifest, shard: dict[str, Any]) -> dict[str, tuple]:
-    path = directory / shard["file"]
+    path = directory / shard["file"]  # a bare shard name: format._validate_shard checked it
     if not path.is_file():
         raise CacheError(f"shard {shard['file']} listed in the manifest is missing from "
                          f"{directory}; {_REBUILD}")
+    if not path.resolve().is_relative_to(directory.resolve()):
+        # A link out of the cache would read (and map) a file the cache does not own.
+        raise CacheError(f"shard {shard['file']} in {directory} is a link to "
+                         f"{path.resolve()}, outside the cache directory; expected the "
+                         f"shard itself. {_REBUILD}")
     size = path.stat().st_size
     if size != shard["bytes"]:
         raise CacheError(f"shard {shard['file']} has {size} bytes, the manifest records "

@@ -1,0 +1,72 @@
+"""A job asked to stop (SIGTERM, SIGUSR1 or the stop file) checkpoints at its next logged
+step and leaves; rerunning it ends exactly where an uninterrupted run ends."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+
+from kdscale.checkpoint import complete_checkpoints
+from kdscale.config import TrainConfig
+from kdscale.distributed import make_accelerator
+from kdscale.stopping import STOP_FILE_VARIABLE, JobStopped
+from kdscale.train import train_loop
+
+SETTINGS = TrainConfig(epochs=3, batch_size=4, learning_rate=0.1, warmup_ratio=0.0,
+                       max_grad_norm=0.0, weight_decay=0.0, log_every=2, report_to="none")
+
+
+def train(checkpoints, at_step=None, send=None) -> torch.Tensor:
+    """Trains a linear classifier for 12 steps; `send(step)` runs inside the loss at steps
+    listed in `at_step` (to deliver a signal mid-step, as a scheduler would)."""
+    accelerator = make_accelerator(SETTINGS, seed=0)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    generator = torch.Generator().manual_seed(1)
+    rows = [{"x": x, "labels": torch.tensor(i % 2)}
+            for i, x in enumerate(torch.randn(16, 3, generator=generator))]
+    loader = torch.utils.data.DataLoader(rows, batch_size=4, collate_fn=lambda batch: {
+        "x": torch.stack([r["x"] for r in batch]),
+        "labels": torch.stack([r["labels"] for r in batch])})
+    calls = []
+
+    def step(model, batch, timer):
+        calls.append(1)
+        if send and len(calls) == at_step:
+            send()
+        loss = torch.nn.functional.cross_entropy(model(batch["x"]), batch["labels"],
+                                                 reduction="sum")
+        return {"loss": loss}
+
+    model, _ = train_loop(model, loader, step, SETTINGS, accelerator, desc="test",
+                          checkpoints=checkpoints)
+    return torch.cat([p.detach().flatten() for p in accelerator.unwrap_model(model).parameters()])
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_signal_stops_at_the_next_logged_step_and_the_rerun_matches(tmp_path, stop_signal):
+    uninterrupted = train(tmp_path / "whole")
+    before = signal.getsignal(stop_signal)
+    with pytest.raises(JobStopped, match="stopped on request after step 4"):
+        train(tmp_path / "cut", at_step=3, send=lambda: os.kill(os.getpid(), stop_signal))
+    assert signal.getsignal(stop_signal) is before  # the loop's handler is gone again
+    assert [p.name for p in complete_checkpoints(tmp_path / "cut")] == ["step-00000004"]
+    resumed = train(tmp_path / "cut")
+    torch.testing.assert_close(resumed, uninterrupted, rtol=0, atol=0)
+
+
+def test_the_stop_file_stops_the_job(tmp_path, monkeypatch):
+    stop_file = tmp_path / "STOP"
+    monkeypatch.setenv(STOP_FILE_VARIABLE, str(stop_file))
+    with pytest.raises(JobStopped, match="after step 6"):
+        train(tmp_path / "run", at_step=5, send=stop_file.touch)
+    assert complete_checkpoints(tmp_path / "run")[-1].name == "step-00000006"
+
+
+def test_without_a_request_the_job_runs_to_the_end(tmp_path, monkeypatch):
+    monkeypatch.setenv(STOP_FILE_VARIABLE, str(tmp_path / "absent"))
+    train(tmp_path / "run")
+    assert complete_checkpoints(tmp_path / "run") == []  # checkpoint_every is unset
