@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, set_seed
 
 from kdscale.config import TrainConfig
+from kdscale.errors import KdscaleError
 from kdscale.tracking import trackers
 
 
@@ -40,14 +42,49 @@ def check_launch_deepspeed_config() -> None:
         check_deepspeed_config(path, f"deepspeed_config_file {path}")
 
 
+TIMEOUT_VARIABLE = "KDSCALE_COLLECTIVE_TIMEOUT"
+# Seconds a collective waits for the other processes before this one fails. Long enough for
+# the slowest legitimate wait (rank 0 writing a large checkpoint or a shard while the others
+# sit in a barrier), short enough that a hung or stopped rank fails the job within the hour.
+DEFAULT_TIMEOUT_S = 1800
+
+
+def collective_timeout() -> timedelta:
+    """`KDSCALE_COLLECTIVE_TIMEOUT` (seconds) or the default; read by every process."""
+    text = os.environ.get(TIMEOUT_VARIABLE, str(DEFAULT_TIMEOUT_S))
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise KdscaleError(f"{TIMEOUT_VARIABLE}: expected a number of seconds > 0, got {text!r}")
+    return timedelta(seconds=seconds)
+
+
+def timed_out(err: BaseException) -> bool:
+    """A collective gave up waiting for another process (gloo and NCCL word it differently)."""
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and ("timed out" in text or "timeout" in text)
+
+
+def timeout_message(err: BaseException) -> str:
+    seconds = collective_timeout().total_seconds()
+    first_line = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+    return (f"a collective operation waited more than {seconds:g} s ({TIMEOUT_VARIABLE}) for "
+            f"another process, which is hung or dead; see its log. Finished work is kept: "
+            f"rerun the same command to resume ({first_line})")
+
+
 def process_state() -> PartialState:
-    """This process's place in the launch; the process group is created on first call."""
+    """This process's place in the launch; the process group is created on first call,
+    with the collective timeout (a hung rank then fails the job instead of stalling it)."""
+    timeout = collective_timeout()
     if torch.cuda.is_available():
-        return PartialState()
+        return PartialState(timeout=timeout)
     if uses_deepspeed():
-        return PartialState(backend="gloo")
+        return PartialState(backend="gloo", timeout=timeout)
     if launched_distributed():
-        return PartialState(cpu=True, backend="gloo")
+        return PartialState(cpu=True, backend="gloo", timeout=timeout)
     return PartialState(cpu=True)
 
 

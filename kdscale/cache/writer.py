@@ -10,6 +10,7 @@ before anything is written; sidecars are written and read in `kdscale.cache.side
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -62,10 +63,22 @@ def write_shard(
     directory.mkdir(parents=True, exist_ok=True)
     remove_sidecar(directory, index)
     data = safetensors.torch.save(tensors, metadata=shard_metadata(plan_id, index))
-    write_bytes_atomic(directory / shard_file_name(index), data)
     examples = tensors.get("examples", tensors["example_ids"])
-    return write_sidecar(directory, index, data, rows=len(tensors["example_ids"]),
-                         examples=len(examples), plan_id=plan_id)
+    try:
+        write_bytes_atomic(directory / shard_file_name(index), data)
+        return write_sidecar(directory, index, data, rows=len(tensors["example_ids"]),
+                             examples=len(examples), plan_id=plan_id)
+    except OSError as err:
+        raise _write_error(f"shard {index}", directory, err) from err
+
+
+def _write_error(what: str, directory: Path, err: OSError) -> CacheError:
+    # A full disk, a quota or a file size limit leaves at worst a shard without its sidecar,
+    # which no reader trusts: say so, rather than a bare OSError from deep inside.
+    full = err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    return CacheError(f"could not write {what} of the cache at {directory}: "
+                      f"{err.strerror or err}{' (disk full or over a limit)' if full else ''}; "
+                      f"the finished shards are kept: rerun the cache job once it can write")
 
 
 def clear_partial(directory: str | os.PathLike) -> None:
@@ -114,7 +127,10 @@ def finalize_cache(
         shards=shards)
     # Headers match the settings and no id is in two shards: what the reader will check.
     open_shards(directory, manifest, remedy="the plan put it in two shards")
-    write_json_atomic(directory / MANIFEST_NAME, manifest.to_dict())
+    try:
+        write_json_atomic(directory / MANIFEST_NAME, manifest.to_dict())
+    except OSError as err:
+        raise _write_error("the manifest", directory, err) from err
     _remove_cache_files(directory, keep={s["file"] for s in shards})
     return manifest
 
