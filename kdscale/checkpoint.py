@@ -32,6 +32,7 @@ from accelerate import Accelerator
 
 from kdscale.cache.files import write_json_atomic
 from kdscale.config import TrainConfig
+from kdscale.distributed import timed_out
 from kdscale.errors import KdscaleError
 
 COMPLETE = "COMPLETE"
@@ -46,6 +47,10 @@ SAFE_GLOBALS = frozenset({
     "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
     "deepspeed.utils.tensor_fragment.fragment_address",
     "deepspeed.runtime.zero.config.ZeroStageEnum"})
+
+
+class CheckpointWriteError(KdscaleError):
+    """A checkpoint that could not be written whole."""
 
 
 class ResumeError(KdscaleError):
@@ -76,16 +81,26 @@ def save_checkpoint(accelerator: Accelerator, root: Path, progress: Progress,
                     history: list[dict], keep: int, batch_size: int | None = None) -> Path:
     """`batch_size`: rows per process, recorded so a resume can check the global batch."""
     path = root / f"step-{progress.step:08d}"
-    accelerator.save_state(str(path))
-    accelerator.wait_for_everyone()  # every process's files are there before the marker
-    if accelerator.is_main_process:
-        launch = {"processes": accelerator.num_processes, "batch_size": batch_size,
-                  "gradient_accumulation_steps": accelerator.gradient_accumulation_steps,
-                  "deepspeed": accelerator.state.deepspeed_plugin is not None}
-        state = {"progress": asdict(progress), "history": history, "launch": launch}
-        write_json_atomic(path / "trainer_state.json", state)
-        (path / COMPLETE).write_text(f"step {progress.step}\n")
-        _prune(root, keep)
+    try:
+        accelerator.save_state(str(path))
+        accelerator.wait_for_everyone()  # every process's files are there before the marker
+        if accelerator.is_main_process:
+            launch = {"processes": accelerator.num_processes, "batch_size": batch_size,
+                      "gradient_accumulation_steps": accelerator.gradient_accumulation_steps,
+                      "deepspeed": accelerator.state.deepspeed_plugin is not None}
+            state = {"progress": asdict(progress), "history": history, "launch": launch}
+            write_json_atomic(path / "trainer_state.json", state)
+            (path / COMPLETE).write_text(f"step {progress.step}\n")
+            _prune(root, keep)
+    except (OSError, RuntimeError) as err:
+        # A full disk or a file size limit (torch.save reports it as a RuntimeError): the
+        # checkpoint has no COMPLETE marker, so it is never loaded; say so in one line.
+        if timed_out(err):  # a collective timeout keeps its own message (kdscale.cli)
+            raise
+        cause = getattr(err, "strerror", None) or str(err).strip().splitlines()[0]
+        raise CheckpointWriteError(f"could not write checkpoint {path}: {cause} (is the disk "
+                                   f"full?); it is incomplete and will be ignored: free space "
+                                   f"and rerun to resume from the previous checkpoint") from err
     accelerator.wait_for_everyone()
     return path
 

@@ -1,15 +1,18 @@
 """A job asked to stop (SIGTERM, SIGUSR1 or the stop file) checkpoints at its next logged
-step and leaves; rerunning it ends exactly where an uninterrupted run ends."""
+step and leaves; rerunning it ends exactly where an uninterrupted run ends. A checkpoint that
+cannot be written is named and never loaded."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import resource
 import signal
 
 import pytest
 import torch
 
-from kdscale.checkpoint import complete_checkpoints
+from kdscale.checkpoint import CheckpointWriteError, complete_checkpoints
 from kdscale.config import TrainConfig
 from kdscale.distributed import make_accelerator
 from kdscale.stopping import STOP_FILE_VARIABLE, JobStopped
@@ -19,10 +22,10 @@ SETTINGS = TrainConfig(epochs=3, batch_size=4, learning_rate=0.1, warmup_ratio=0
                        max_grad_norm=0.0, weight_decay=0.0, log_every=2, report_to="none")
 
 
-def train(checkpoints, at_step=None, send=None) -> torch.Tensor:
+def train(checkpoints, at_step=None, send=None, settings=SETTINGS) -> torch.Tensor:
     """Trains a linear classifier for 12 steps; `send(step)` runs inside the loss at steps
     listed in `at_step` (to deliver a signal mid-step, as a scheduler would)."""
-    accelerator = make_accelerator(SETTINGS, seed=0)
+    accelerator = make_accelerator(settings, seed=0)
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)
     generator = torch.Generator().manual_seed(1)
@@ -41,7 +44,7 @@ def train(checkpoints, at_step=None, send=None) -> torch.Tensor:
                                                  reduction="sum")
         return {"loss": loss}
 
-    model, _ = train_loop(model, loader, step, SETTINGS, accelerator, desc="test",
+    model, _ = train_loop(model, loader, step, settings, accelerator, desc="test",
                           checkpoints=checkpoints)
     return torch.cat([p.detach().flatten() for p in accelerator.unwrap_model(model).parameters()])
 
@@ -70,3 +73,20 @@ def test_without_a_request_the_job_runs_to_the_end(tmp_path, monkeypatch):
     monkeypatch.setenv(STOP_FILE_VARIABLE, str(tmp_path / "absent"))
     train(tmp_path / "run")
     assert complete_checkpoints(tmp_path / "run") == []  # checkpoint_every is unset
+
+
+def test_a_checkpoint_that_cannot_be_written_is_named_and_never_loaded(tmp_path):
+    """A full disk while saving (a real file size limit: writes past it fail with EFBIG)."""
+    settings = dataclasses.replace(SETTINGS, checkpoint_every=4)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    # Above what the test prints (its captured output is a file too), below the random states.
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4000, hard))
+    try:
+        with pytest.raises(CheckpointWriteError, match="could not write checkpoint .*step-0+4"):
+            train(tmp_path / "run", settings=settings)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert complete_checkpoints(tmp_path / "run") == []
+    uninterrupted = train(tmp_path / "whole", settings=settings)
+    torch.testing.assert_close(train(tmp_path / "run", settings=settings), uninterrupted,
+                               rtol=0, atol=0)  # with room, the rerun starts over cleanly
