@@ -40,6 +40,9 @@ class StopRequest:
         self.stop_file = Path(name) if name else None
 
     def _on_signal(self, signum: int, frame) -> None:
+        if self.signalled is not None:  # asked twice: stop now, the default way
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
         self.signalled = signal.Signals(signum).name
 
     @contextmanager

@@ -8,6 +8,8 @@ import dataclasses
 import os
 import resource
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -90,3 +92,20 @@ def test_a_checkpoint_that_cannot_be_written_is_named_and_never_loaded(tmp_path)
     uninterrupted = train(tmp_path / "whole", settings=settings)
     torch.testing.assert_close(train(tmp_path / "run", settings=settings), uninterrupted,
                                rtol=0, atol=0)  # with room, the rerun starts over cleanly
+
+
+def test_a_second_signal_stops_the_process_at_once():
+    """The first SIGTERM asks for a checkpoint; a second one (an impatient operator, or a
+    launcher's escalation) ends the process the default way."""
+    script = ("import os, signal\n"
+              "from kdscale.stopping import StopRequest\n"
+              "stop = StopRequest()\n"
+              "with stop.listening():\n"
+              "    os.kill(os.getpid(), signal.SIGTERM)\n"
+              "    print('first:', stop.signalled, flush=True)\n"
+              "    os.kill(os.getpid(), signal.SIGTERM)\n"
+              "    print('still running')\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=120)
+    assert result.stdout == "first: SIGTERM\n"
+    assert result.returncode == -signal.SIGTERM
