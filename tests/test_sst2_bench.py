@@ -1,0 +1,108 @@
+"""The SST-2 benchmark end to end at a toy size: real SST-2 rows from ../shared/data, a tiny
+BERT with a WordPiece vocabulary learned from them standing in for MiniLM (whose weights
+come from a package CI does not install), both sides, the report. No timing is asserted."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tokenizers import BertWordPieceTokenizer
+from transformers import BertConfig, BertModel, BertTokenizerFast
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = REPO.parent / "shared" / "data" / "sst2" / "train.tsv"
+TRAIN_ROWS, DEV_ROWS = 128, 48
+
+pytestmark = pytest.mark.skipif(not TRAIN.is_file(), reason=f"SST-2 not found at {TRAIN} "
+                                "(the benchmark reads ../shared/data/sst2 beside the repository)")
+
+
+def tiny_pretrained_bert(directory: Path) -> Path:
+    """A 6-layer BERT of width 32 with its tokenizer: a stand-in with MiniLM's shape."""
+    sentences = [line.split("\t", 1)[1] for line in TRAIN.read_text().splitlines()[1:2001]]
+    wordpiece = BertWordPieceTokenizer(lowercase=True)
+    wordpiece.train_from_iterator(sentences, vocab_size=1500)
+    directory.mkdir(parents=True)
+    wordpiece.save_model(str(directory))
+    BertTokenizerFast(vocab_file=str(directory / "vocab.txt")).save_pretrained(str(directory))
+    config = BertConfig(vocab_size=wordpiece.get_vocab_size(), hidden_size=32,
+                        num_hidden_layers=6, num_attention_heads=2, intermediate_size=64,
+                        max_position_embeddings=64)
+    BertModel(config).save_pretrained(str(directory))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("sst2")
+    teacher = tiny_pretrained_bert(root / "pretrained")
+    command = [sys.executable, "-m", "benchmarks.sst2", "--out", str(root / "out"), "--work",
+               str(root / "work"), "--teacher_model", str(teacher), "--max_train_examples",
+               str(TRAIN_ROWS), "--max_eval_examples", str(DEV_ROWS), "--seeds", "1", "2",
+               "--latency_batches", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=900)  # a safety net on a busy machine, not a limit
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root / "out"
+
+
+def all_models(report: dict):
+    for side in ("kdscale", "baseline"):
+        yield f"{side} teacher", report[side]["teacher"]
+        for name, kinds in report[side]["students"].items():
+            for kind, runs in kinds.items():
+                for run in runs:
+                    yield f"{side} {name} {kind} seed {run['seed']}", run
+
+
+def test_every_model_is_scored_on_the_same_dev_rows(results):
+    report = json.loads((results / "results.json").read_text())
+    assert report["dev"]["examples"] == DEV_ROWS
+    models = dict(all_models(report))
+    assert len(models) == 2 + 2 * 2 * 2 + 2 * 2  # teachers; kdscale kd+hard; baseline kd
+    for name, metrics in models.items():
+        assert metrics["examples"] == DEV_ROWS, name
+        assert 0.0 <= metrics["accuracy"] <= 1.0, name
+        assert metrics["latency_ms"] > 0 and metrics["train_s"] > 0, name
+    assert report["device"] and report["train_rows"] == TRAIN_ROWS
+
+
+def test_students_have_their_sizes_on_both_sides(results):
+    report = json.loads((results / "results.json").read_text())
+    for name, layers in (("3-layer", 3), ("2-layer", 2)):
+        ours = report["kdscale"]["students"][name]
+        theirs = report["baseline"]["students"][name]["kd"]
+        assert [r["seed"] for r in ours["kd"]] == [r["seed"] for r in theirs] == [1, 2]
+        assert theirs[0]["teacher_layers"] == list(range(layers))  # the seed's first K
+        for run in ours["kd"] + ours["hard"] + theirs:
+            assert run["layers"] == len(run["teacher_layers"]) == layers
+            assert run["params"] == ours["kd"][0]["params"] < report["kdscale"]["teacher"]["params"]
+
+
+def test_summary_follows_from_the_runs(results):
+    report = json.loads((results / "results.json").read_text())
+    side, summary = report["kdscale"], report["summary"]["kdscale"]
+    kd3 = summary["students"]["3-layer"]["kd"]
+    accuracies = [r["accuracy"] for r in side["students"]["3-layer"]["kd"]]
+    assert kd3["accuracy"]["mean"] == pytest.approx(sum(accuracies) / 2)
+    assert kd3["retention"]["mean"] == pytest.approx(
+        kd3["accuracy"]["mean"] / side["teacher"]["accuracy"])
+    assert summary["pipeline_s"] == pytest.approx(
+        side["teacher"]["train_s"] + side["cache_s"]
+        + sum(s["kd"]["train_s"] for s in summary["students"].values()))
+    assert side["cache_bytes"] >= TRAIN_ROWS * 2 * 2  # two fp16 logits per row, at least
+    assert {g["met"] for g in report["summary"]["goals"]} <= {True, False}
+
+
+def test_report_and_plot_are_written(results):
+    text = (results / "report.md").read_text()
+    for row in ("kdscale teacher", "kdscale 3-layer KD", "kdscale 2-layer hard labels",
+                "baseline 2-layer KD", "**pipeline**"):
+        assert row in text
+    assert (results / "sst2_bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
