@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from kdscale.config import Config, ConfigError, TrainConfig
+from kdscale.launch_estimates import cache_estimate, memory_estimate, teacher_estimate
 from kdscale.model_sizes import ModelSizes, model_sizes
 
 
@@ -116,8 +117,6 @@ def batch_plan(train: TrainConfig, launch: Launch) -> dict:
 
 
 def make_plan(config: Config, launch: Launch, device_memory: float | None) -> Plan:
-    from kdscale.launch_estimates import cache_estimate, memory_estimate, teacher_estimate
-
     launch = replace(launch, mixed_precision=training_precision(config.distill, launch))
     sizes = model_sizes(config)
     zero = zero_settings(launch.deepspeed_file)
