@@ -48,3 +48,14 @@ def quick_demo(tmp_path_factory):
     result = kdscale("demo", "--output_dir", str(out), *QUICK, cwd=out.parent)
     assert result.returncode == 0, result.stderr[-3000:]
     return out
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    """A tiny finished pipeline (teacher, cache, a checkpointed run) built in-process in
+    about a second, for the bad-input and safe-loading tests to copy and damage."""
+    from bad_input_pipeline import build_pipeline
+
+    root = tmp_path_factory.mktemp("pipeline")
+    build_pipeline(root)
+    return root

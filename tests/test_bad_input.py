@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 from typing import NamedTuple
 
 import pytest
 import torch
 from bad_input_pipeline import (
-    build_pipeline,
     changed,
     copy_tree,
     damaged_state,
@@ -32,13 +30,6 @@ from kdscale.errors import KdscaleError
 
 TINY = {"vocab_size": 50, "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
         "intermediate_size": 16}
-
-
-@pytest.fixture(scope="module")
-def pipe(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("pipeline")
-    build_pipeline(root)
-    return root
 
 
 class Case(NamedTuple):

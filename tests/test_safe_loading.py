@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from bad_input_pipeline import build_pipeline, copy_tree, edit_manifest, rewrite_shard
+from bad_input_pipeline import copy_tree, edit_manifest, rewrite_shard
 from transformers import BertConfig, BertForSequenceClassification
 
 from kdscale.cache import CacheError, LogitCache
@@ -29,13 +29,6 @@ class Payload:
 
     def __reduce__(self):
         return os.system, (f"touch {self.marker}",)
-
-
-@pytest.fixture(scope="module")
-def pipe(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("pipeline")
-    build_pipeline(root)
-    return root
 
 
 def test_a_yaml_tag_that_would_run_code_is_refused(tmp_path):
