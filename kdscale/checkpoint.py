@@ -37,6 +37,7 @@ from kdscale.errors import KdscaleError
 
 COMPLETE = "COMPLETE"
 _NAME = re.compile(r"step-(\d{8})")
+_DISCARDED = ".discarded-"  # a checkpoint being deleted; never a resume candidate
 _PICKLES = {".bin", ".pt", ".pth", ".pkl"}
 # What a checkpoint's pickles may import besides tensors and plain containers: the numpy
 # random states accelerate saves and the small classes in DeepSpeed's optimizer states.
@@ -106,15 +107,20 @@ def save_checkpoint(accelerator: Accelerator, root: Path, progress: Progress,
 
 
 def _prune(root: Path, keep: int) -> None:
-    """Keep the newest `keep` complete checkpoints; drop older ones and unfinished ones."""
+    """Keep the newest `keep` complete checkpoints; drop older ones and unfinished ones.
+
+    A checkpoint is first renamed out of the `step-*` names, then deleted: a job killed in
+    the middle of a deletion (the launcher's SIGKILL after its grace period) must not leave
+    a directory that still has its COMPLETE marker but has lost its weights."""
     complete = complete_checkpoints(root)
     newest = complete[-1].name if complete else ""
-    for path in root.iterdir():
-        if not _NAME.fullmatch(path.name):
-            continue
-        stale = path in complete[:-keep] or (path not in complete and path.name < newest)
-        if stale:
+    for path in sorted(root.iterdir()):
+        if path.name.startswith(_DISCARDED):  # left by a deletion a kill interrupted
             shutil.rmtree(path, ignore_errors=True)
+        elif _NAME.fullmatch(path.name) and (
+                path in complete[:-keep] or (path not in complete and path.name < newest)):
+            discarded = path.rename(root / f"{_DISCARDED}{path.name}")
+            shutil.rmtree(discarded, ignore_errors=True)
 
 
 def load_checkpoint(accelerator: Accelerator, path: Path) -> tuple[Progress, list[dict]]:

@@ -10,10 +10,12 @@ import resource
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+from kdscale import checkpoint
 from kdscale.checkpoint import CheckpointWriteError, complete_checkpoints
 from kdscale.config import TrainConfig
 from kdscale.distributed import make_accelerator
@@ -92,6 +94,30 @@ def test_a_checkpoint_that_cannot_be_written_is_named_and_never_loaded(tmp_path)
     uninterrupted = train(tmp_path / "whole", settings=settings)
     torch.testing.assert_close(train(tmp_path / "run", settings=settings), uninterrupted,
                                rtol=0, atol=0)  # with room, the rerun starts over cleanly
+
+
+class Killed(BaseException):
+    """Stands for the SIGKILL that ends a process in the middle of whatever it was doing."""
+
+
+def test_a_job_killed_while_deleting_an_old_checkpoint_resumes_from_a_whole_one(
+        tmp_path, monkeypatch):
+    settings = dataclasses.replace(SETTINGS, checkpoint_every=2, keep_checkpoints=1)
+    uninterrupted = train(tmp_path / "whole", settings=settings)
+
+    def killed_midway(path, ignore_errors=False):  # the weights go first, then the process
+        next(Path(path).glob("model.safetensors")).unlink()
+        raise Killed
+
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoint.shutil, "rmtree", killed_midway)
+        with pytest.raises(Killed):
+            train(tmp_path / "cut", settings=settings)
+    # step 4 was written whole, then its deletion of step 2 was cut short
+    assert [p.name for p in complete_checkpoints(tmp_path / "cut")] == ["step-00000004"]
+    resumed = train(tmp_path / "cut", settings=settings)
+    torch.testing.assert_close(resumed, uninterrupted, rtol=0, atol=0)
+    assert not list((tmp_path / "cut").glob(".discarded-*"))  # the leftover was cleared
 
 
 def test_a_second_signal_stops_the_process_at_once():
