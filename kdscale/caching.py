@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoConfig
+from transformers import AutoConfig, PreTrainedTokenizerBase
 
 from kdscale.cache import (
     CacheError,
@@ -25,7 +25,7 @@ from kdscale.cache import (
 from kdscale.cache.format import MANIFEST_NAME
 from kdscale.cache.plan import ShardPlan, plan_id, plan_shards
 from kdscale.config import Config
-from kdscale.data import PaddingCollator, TaskData, check_sources, prepare
+from kdscale.data import TaskData, check_sources
 from kdscale.distributed import process_state
 from kdscale.models import (
     check_inputs_fit,
@@ -34,6 +34,7 @@ from kdscale.models import (
     num_layers_of,
     tokenizer_sha256,
 )
+from kdscale.tasks import CacheLayout, Task, cache_entries, get_task
 from kdscale.teacher import TeacherRunner, check_teacher_deepspeed_config, load_runner
 
 
@@ -45,11 +46,17 @@ class CacheJob:
     plan: ShardPlan
     plan_id: str
     meta: dict  # manifest fields: kind, num_outputs, k, dtype, teacher, tokenizer, data
-    pad_token_id: int
+    tokenizer: PreTrainedTokenizerBase
+    task: Task
+    layout: CacheLayout
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.tokenizer.pad_token_id
 
 
 def run_cache(config: Config) -> None:
-    check_sources(config.data)
+    check_sources(get_task(config.task).data_config(config))
     check_teacher_deepspeed_config(config.teacher)
     state = process_state()
     job = plan_job(config, state)
@@ -78,15 +85,14 @@ def run_cache(config: Config) -> None:
 
 def plan_job(config: Config, state) -> CacheJob:
     num_layers_of(config.teacher_dir)  # a clear error where there is no teacher yet
+    task = get_task(config.task)
     tokenizer = load_tokenizer(config.teacher_dir)
     teacher_config = AutoConfig.from_pretrained(str(config.teacher_dir))
     check_inputs_fit(teacher_config, tokenizer, config.data.max_length, "the teacher")
-    labels = [str(teacher_config.id2label[i]) for i in range(teacher_config.num_labels)]
     with state.main_process_first():  # one process tokenizes; the rest read its cache files
-        data = prepare(config.data, tokenizer, "train", labels)
-    cache = config.cache
-    meta = {"kind": cache.kind, "num_outputs": teacher_config.num_labels,
-            "k": cache.k if cache.kind == "topk" else None, "dtype": cache.dtype,
+        data = task.prepare(config, tokenizer, "train", task.label_names(teacher_config))
+    cache, layout = config.cache, task.cache_layout(config, teacher_config)
+    meta = {**layout.meta(), "dtype": cache.dtype,
             "teacher": {"name": str(config.teacher_dir),
                         "weights_sha256": checkpoint_sha256(config.teacher_dir)},
             "tokenizer_sha256": tokenizer_sha256(tokenizer),
@@ -96,7 +102,7 @@ def plan_job(config: Config, state) -> CacheJob:
                          f"outputs, got {meta['k']}")
     plan = plan_shards([len(ids) for ids in data.dataset["input_ids"]], cache.shard_rows)
     identity = plan_id(shard_rows=cache.shard_rows, **meta)
-    return CacheJob(config, data, plan, identity, meta, tokenizer.pad_token_id)
+    return CacheJob(config, data, plan, identity, meta, tokenizer, task, layout)
 
 
 def _cache_is_complete(job: CacheJob) -> bool:
@@ -107,8 +113,8 @@ def _cache_is_complete(job: CacheJob) -> bool:
     same = (manifest.data_fingerprint == job.meta["data_fingerprint"]
             and manifest.teacher.get("weights_sha256") == job.meta["teacher"]["weights_sha256"]
             and manifest.tokenizer_sha256 == job.meta["tokenizer_sha256"]
-            and (manifest.kind, manifest.k, manifest.dtype)
-            == (job.meta["kind"], job.meta["k"], job.meta["dtype"]))
+            and (manifest.kind, manifest.k, manifest.dtype, manifest.masking)
+            == (job.meta["kind"], job.meta["k"], job.meta["dtype"], job.meta["masking"]))
     if not same and not job.config.cache.overwrite:
         raise CacheError(f"cache {directory} holds logits of another teacher, data or "
                          f"settings; set --cache.overwrite true to replace it, or choose "
@@ -138,19 +144,22 @@ def write_shards(job: CacheJob, runner: TeacherRunner, shards: list[int], state)
     total = len(steps)
     if runner.placement != "replicate":
         total = _max_over_processes(total, state)
-    collate = PaddingCollator(job.pad_token_id)
+    collate = job.task.collator(job.tokenizer)
     progress = _progress(total * job.config.cache.batch_size, state)
-    start, rows_done, pending = time.perf_counter(), 0, {}
+    start, rows_done, pending, examples = time.perf_counter(), 0, {}, {}
     for step in range(total):
         if step >= len(steps):
-            runner.logits(collate(job.data.rows(job.plan.shards[0][:1])))  # lockstep only
+            runner.outputs(collate(job.data.rows(job.plan.shards[0][:1])))  # lockstep only
             continue
         shard, batch_rows = steps[step]
         batch = collate(job.data.rows(batch_rows))
-        pending.setdefault(shard, []).append((batch["example_id"], runner.logits(batch)))
+        with torch.inference_mode():
+            entries = cache_entries(job.task, job.layout, runner.outputs(batch), batch)
+        pending.setdefault(shard, []).append(entries)
+        examples[shard] = examples.get(shard, 0) + len(batch_rows)
         rows_done += len(batch_rows)
         progress.update(len(batch_rows) * state.num_processes)
-        if sum(len(ids) for ids, _ in pending[shard]) == len(job.plan.shards[shard]):
+        if examples[shard] == len(job.plan.shards[shard]):
             _write(job, shard, pending.pop(shard))
     progress.close()
     seconds = time.perf_counter() - start
@@ -158,17 +167,13 @@ def write_shards(job: CacheJob, runner: TeacherRunner, shards: list[int], state)
             "params_held": runner.params_held}
 
 
-def _write(job: CacheJob, shard: int, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    ids = torch.cat([p[0] for p in parts])
-    logits = torch.cat([p[1] for p in parts])  # (rows, num_outputs)
-    meta = job.meta
-    common = {"example_ids": ids, "dtype": meta["dtype"], "num_outputs": meta["num_outputs"],
-              "k": meta["k"], "plan_id": job.plan_id}
-    if meta["kind"] == "topk":
-        values, indices = logits.topk(meta["k"], dim=-1)
-        write_shard(job.config.cache_dir, shard, values=values, indices=indices.int(), **common)
-    else:
-        write_shard(job.config.cache_dir, shard, logits=logits, **common)
+def _write(job: CacheJob, shard: int, parts: list[dict]) -> None:
+    """One shard from its batches' entries, concatenated in batch order (an example's
+    rows stay contiguous)."""
+    tensors = {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
+    write_shard(job.config.cache_dir, shard, dtype=job.meta["dtype"],
+                num_outputs=job.meta["num_outputs"], k=job.meta["k"], plan_id=job.plan_id,
+                **tensors)
 
 
 def _max_over_processes(value: int, state) -> int:
@@ -198,6 +203,9 @@ def report_numbers(job: CacheJob, manifest, stats: list[dict], runner: TeacherRu
     rows = manifest.num_examples
     print(f"cache {job.config.cache_dir}: {rows} examples in {len(manifest.shards)} shards, "
           f"{on_disk / 2**20:.2f} MiB on disk, {on_disk / max(rows, 1):.1f} bytes/example")
+    if job.layout.per_position:  # masked tokens or word starts: the unit that grows
+        print(f"  {manifest.num_rows} positions, {on_disk / max(manifest.num_rows, 1):.1f} "
+              f"bytes/position (top-{manifest.k} of {manifest.num_outputs})")
     for s in stats:
         rate = s["examples"] / s["seconds"] if s["seconds"] else 0.0
         print(f"  rank {s['rank']}: {s['examples']} examples in {s['seconds']:.1f} s "

@@ -66,6 +66,12 @@ class DataConfig:
     max_length: int = 128
     max_train_examples: int | None = None  # keep the first N rows (quick runs)
     max_eval_examples: int | None = None
+    # task mlm: each example's masks are drawn once from (mask_seed, example id), so every
+    # rerun, process and machine masks the same tokens, and the cache records the recipe.
+    mlm_probability: float = 0.15
+    mask_seed: int = 0
+    # task question-answering: overlap (in tokens) of the windows a long context is cut into
+    doc_stride: int = 128
 
 
 @dataclass
@@ -126,11 +132,16 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     batch_size: int = 64
+    max_answer_length: int = 30  # task question-answering: longest answer span, in tokens
     latency_batches: int = 20  # timed batches per model, after warm-up
 
 
 @dataclass
 class Config:
+    # What is distilled (kdscale.tasks): sentence classification, masked-LM ("general
+    # distillation"), token classification (NER) or extractive question answering.
+    task: Literal["classification", "mlm", "token-classification",
+                  "question-answering"] = "classification"
     output_dir: str = "runs/kdscale"
     seed: int = 42
     teacher: TeacherConfig = field(default_factory=TeacherConfig)

@@ -27,6 +27,7 @@ _BUILDERS = {
     ".json": ("json", {}),
     ".jsonl": ("json", {}),
     ".parquet": ("parquet", {}),
+    ".txt": ("text", {}),  # raw text, one example per line, in a column named "text"
 }
 MODEL_COLUMNS = ["input_ids", "attention_mask", "token_type_ids", "labels", "example_id"]
 
@@ -146,8 +147,9 @@ def _check_label_values(raw: datasets.Dataset, cfg: DataConfig, where: str) -> N
     """Every row has a label, and labels are class ids or names: a missing label would
     become a class of its own ('None', 'nan'), a fractional one a class per value."""
     column = cfg.label_column
-    if isinstance(raw.features[column], datasets.ClassLabel):
-        return
+    feature = raw.features.get(column)
+    if not isinstance(feature, datasets.Value):  # class ids, or a task's own labels (lists,
+        return  # answers), which that task checks
     values = raw.unique(column)
     if any(v is None or (isinstance(v, float) and math.isnan(v)) for v in values):
         ids = [i for i, v in zip(raw["example_id"], raw[column], strict=True)
@@ -285,10 +287,21 @@ class PaddingCollator:
             if name in examples[0]:
                 batch[name] = torch.tensor([e[name] + [pad] * (width - len(e[name]))
                                             for e in examples])
-        for name in ("labels", "example_id"):
-            if name in examples[0]:
-                batch[name] = torch.tensor([e[name] for e in examples], dtype=torch.long)
+        if "labels" in examples[0]:
+            batch["labels"] = _labels(examples)
+        if "example_id" in examples[0]:
+            batch["example_id"] = torch.tensor([e["example_id"] for e in examples])
         return batch
+
+
+def _labels(examples: list[dict]) -> torch.Tensor:
+    """One label per example, or a list per example (per token, or an answer's start and
+    end) padded with -100, the index every loss ignores."""
+    if not isinstance(examples[0]["labels"], list):
+        return torch.tensor([e["labels"] for e in examples], dtype=torch.long)
+    width = max(len(e["labels"]) for e in examples)
+    return torch.tensor([e["labels"] + [-100] * (width - len(e["labels"])) for e in examples],
+                        dtype=torch.long)
 
 
 def make_loader(data: TaskData, batch_size: int, collate_fn, *, shuffle: bool,

@@ -87,8 +87,13 @@ def demo_vocabulary() -> list[str]:
 
 
 def build_demo_tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level tokenizer with BERT's special tokens and [CLS] A [SEP] (B [SEP]) layout."""
-    vocab = {token: i for i, token in enumerate(demo_vocabulary())}
+    return word_level_tokenizer(demo_vocabulary())
+
+
+def word_level_tokenizer(vocabulary: list[str]) -> PreTrainedTokenizerFast:
+    """A lower-casing word-level tokenizer of `vocabulary` (BERT's special tokens first)
+    with BERT's [CLS] A [SEP] (B [SEP]) layout."""
+    vocab = {token: i for i, token in enumerate(vocabulary)}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tokenizer.normalizer = normalizers.Lowercase()
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()

@@ -7,7 +7,7 @@ from kdscale.cache import LogitCache
 from kdscale.cache.collator import EnsembleLogitsCollator, TeacherLogitsCollator
 from kdscale.checkpoint import check_resume, checkpoint_root
 from kdscale.config import Config, ConfigError, StudentConfig, to_dict
-from kdscale.data import PaddingCollator, check_sources, make_loader, prepare
+from kdscale.data import check_sources, make_loader
 from kdscale.distributed import (
     check_launch_deepspeed_config,
     make_accelerator,
@@ -20,7 +20,6 @@ from kdscale.models import (
     check_inputs_fit,
     check_student_model,
     checkpoint_sha256,
-    label_names,
     load_classifier,
     load_tokenizer,
     num_layers_of,
@@ -28,6 +27,7 @@ from kdscale.models import (
     tokenizer_sha256,
 )
 from kdscale.objective import DistillStep, StudentWithProjections, intermediate_config
+from kdscale.tasks import CacheLayout, Task, get_task
 from kdscale.teacher import check_teacher_deepspeed_config, load_runner
 from kdscale.timing import print_breakdown
 from kdscale.tracking import log_dir, start_tracking
@@ -35,17 +35,17 @@ from kdscale.train import save_model, train_loop
 from kdscale.validation import PeriodicEval
 
 
-def open_caches(config: Config) -> list[LogitCache]:
+def open_caches(config: Config, task: Task) -> list[LogitCache]:
     """The caches the student reads: none (online teacher), one, or an ensemble."""
     if config.teacher.source == "online":
         return []
     if not config.cache.ensemble:
         cache = LogitCache(config.cache_dir)
-        if cache.manifest.kind != "dense":
-            raise ConfigError(f"cache.dir: {config.cache_dir} holds top-{cache.manifest.k} "
-                              f"logits; a sequence classifier distils from a dense cache "
-                              f"(`kdscale cache` with cache.kind dense)")
+        _check_kind(cache, task, "cache.dir", config.cache_dir)
         return [cache]
+    if task.name != "classification":
+        raise ConfigError(f"cache.ensemble: averaging teachers is for classification; task "
+                          f"{task.name} reads one cache (cache.dir)")
     caches = [LogitCache(directory) for directory in config.cache.ensemble]
     for directory, cache in zip(config.cache.ensemble, caches, strict=True):
         if cache.manifest.kind != "dense":
@@ -54,9 +54,22 @@ def open_caches(config: Config) -> list[LogitCache]:
     return caches
 
 
+def _check_kind(cache: LogitCache, task: Task, key: str, directory) -> None:
+    """A per-position cache (MLM, tokens) for a per-position task; a dense one otherwise."""
+    m = cache.manifest
+    per_position = task.name in ("mlm", "token-classification")
+    if cache.per_position == per_position and (per_position or m.kind == "dense"):
+        return
+    got = "dense logits" if m.kind == "dense" else f"top-{m.k} logits" + (
+        " per position" if cache.per_position else " per example")
+    want = "a per-position top-k cache" if per_position else "a dense cache"
+    raise ConfigError(f"{key}: {directory} holds {got}; task {task.name} distils from {want} "
+                      f"(`kdscale cache` with task {task.name} builds it)")
+
+
 def run_distill(config: Config) -> None:
     # Everything that can be wrong with the inputs is checked before any model is built.
-    check_sources(config.data)
+    check_sources(get_task(config.task).data_config(config))
     check_launch_deepspeed_config()
     check_student_model(config.student, config.teacher_dir)
     if not config.student.model:
@@ -64,20 +77,21 @@ def run_distill(config: Config) -> None:
     online = config.teacher.source == "online"
     if online:
         check_teacher_deepspeed_config(config.teacher)
-    caches = open_caches(config)
+    task = get_task(config.task)
+    caches = open_caches(config, task)
     # Attention maps only come from the eager attention implementation.
     attention = "eager" if config.loss.attention_kl > 0 else None
     tokenizer = load_tokenizer(config.teacher_dir)
-    teacher = load_classifier(config.teacher_dir, "teacher", attn_implementation=attention)
+    teacher = load_classifier(config.teacher_dir, "teacher", attention, task)
     check_inputs_fit(teacher.config, tokenizer, config.data.max_length, "the teacher")
     state = process_state()
     check_resume(checkpoint_root(config.output_dir, "distill"), config.distill, "distill",
                  state.num_processes, uses_deepspeed())
-    labels = label_names(teacher)
+    labels = task.label_names(teacher.config)
     with state.main_process_first():  # one process tokenizes, the rest read its files
-        train = prepare(config.data, tokenizer, "train", labels)
-    check_caches(config, caches, train, teacher, tokenizer)
-    model = student = build_student(config.student, teacher)
+        train = task.prepare(config, tokenizer, "train", labels)
+    check_caches(config, caches, train, task.cache_layout(config, teacher.config), tokenizer)
+    model = student = build_student(config.student, teacher, task)
     extra = intermediate_config(config.loss)
     if extra.enabled:
         model = StudentWithProjections(student, IntermediateLosses.from_models(extra, student,
@@ -89,13 +103,13 @@ def run_distill(config: Config) -> None:
     accelerator = make_accelerator(config.distill, config.seed, "distill",
                                    log_dir(config.output_dir))
     start_tracking(accelerator, "distill", to_dict(config))
-    loader = train_loader(config, train, tokenizer, caches, accelerator.num_processes)
+    loader = train_loader(config, task, train, tokenizer, caches, accelerator.num_processes)
     source = (f"{len(caches)} caches averaged" if len(caches) > 1 else "the cache" if caches
               else f"an online {runner.placement} runner")
     accelerator.print(f"student: {describe_student(config.student)}, teacher from {source}")
     submodule = "student" if extra.enabled else None
-    evaluator = periodic_eval(config, accelerator, tokenizer, labels, submodule)
-    step = DistillStep(config.loss, runner, config.cache.ensemble_weights)
+    evaluator = periodic_eval(config, task, accelerator, tokenizer, labels, submodule)
+    step = DistillStep(config.loss, runner, config.cache.ensemble_weights, task)
     model, history = train_loop(model, loader, step,
                                 config.distill, accelerator, desc="distill student",
                                 checkpoints=checkpoint_root(config.output_dir, "distill"),
@@ -106,17 +120,19 @@ def run_distill(config: Config) -> None:
     accelerator.end_training()
 
 
-def check_caches(config: Config, caches: list[LogitCache], train, teacher, tokenizer) -> None:
+def check_caches(config: Config, caches: list[LogitCache], train, layout: CacheLayout,
+                 tokenizer) -> None:
     # An ensemble's caches come from other teachers by design; one cache must be this one's.
     teacher_sha = checkpoint_sha256(config.teacher_dir) if len(caches) == 1 else None
     for cache in caches:
         cache.check_compatible(data_fingerprint=train.fingerprint, teacher_sha256=teacher_sha,
                                tokenizer_sha256=tokenizer_sha256(tokenizer),
-                               num_outputs=teacher.config.num_labels)
+                               num_outputs=layout.num_outputs, masking=layout.masking)
 
 
-def train_loader(config: Config, train, tokenizer, caches: list[LogitCache], processes: int):
-    collate = PaddingCollator(tokenizer.pad_token_id)
+def train_loader(config: Config, task: Task, train, tokenizer, caches: list[LogitCache],
+                 processes: int):
+    collate = task.collator(tokenizer)
     if len(caches) > 1:
         collate = EnsembleLogitsCollator(collate, caches)
     elif caches:
@@ -130,19 +146,18 @@ def describe_student(student: StudentConfig) -> str:
     return f"layers {student.layer_spec} of {origin}"
 
 
-def periodic_eval(config: Config, accelerator, tokenizer, labels: list[str],
+def periodic_eval(config: Config, task: Task, accelerator, tokenizer, labels: list[str],
                   submodule: str | None) -> PeriodicEval | None:
     """Evaluation every `distill.eval_every` steps, the best student kept in student_best/."""
     every = config.distill.eval_every
     if not every:
         return None
     with accelerator.main_process_first():
-        eval_data = prepare(config.data, tokenizer, "eval", labels)
+        eval_data = task.prepare(config, tokenizer, "eval", labels)
     global_batch = config.eval.batch_size * accelerator.num_processes
-    loader = make_loader(eval_data, global_batch, PaddingCollator(tokenizer.pad_token_id),
-                         shuffle=False)
+    loader = make_loader(eval_data, global_batch, task.collator(tokenizer), shuffle=False)
 
     def save_best(model, history):
         save_model(accelerator, model, tokenizer, config.student_best_dir, history, submodule)
 
-    return PeriodicEval(accelerator, loader, every, save_best)
+    return PeriodicEval(accelerator, loader, every, save_best, task)

@@ -9,16 +9,16 @@ import time
 import torch
 
 from kdscale.config import Config
-from kdscale.data import PaddingCollator, check_sources, make_loader, prepare
+from kdscale.data import TaskData, check_sources, make_loader
 from kdscale.distributed import process_state
 from kdscale.models import (
     check_inputs_fit,
     count_parameters,
-    label_names,
     load_classifier,
     load_tokenizer,
 )
 from kdscale.report import build_report, print_table, write_report
+from kdscale.tasks import Task, get_task
 from kdscale.train import model_inputs
 
 
@@ -57,9 +57,13 @@ def latency_ms(model: torch.nn.Module, batch: dict, repeats: int, warmup: int = 
     return statistics.median(times)
 
 
-def evaluate_model(model: torch.nn.Module, loader, latency_batch: dict, repeats: int) -> dict:
-    preds, labels = predict(model, loader)
-    metrics = classification_metrics(preds, labels, model.config.num_labels)
+def evaluate_model(model: torch.nn.Module, loader, latency_batch: dict, repeats: int,
+                   task: Task | None = None, data: TaskData | None = None) -> dict:
+    if task is None:  # a sequence classifier
+        preds, labels = predict(model, loader)
+        metrics = classification_metrics(preds, labels, model.config.num_labels)
+    else:
+        metrics = task.metrics(model, loader, data)
     metrics["params"] = count_parameters(model)
     metrics["layers"] = model.config.num_hidden_layers
     metrics["latency_ms"] = latency_ms(model, latency_batch, repeats)
@@ -74,7 +78,7 @@ def median_length_batch(loader) -> dict:
 
 def run_eval(config: Config) -> dict | None:
     """Evaluate on the main process (the eval split is small); returns the report there."""
-    check_sources(config.data)
+    check_sources(get_task(config.task).data_config(config))
     state = process_state()
     report = evaluate_and_report(config) if state.is_main_process else None
     state.wait_for_everyone()
@@ -82,18 +86,20 @@ def run_eval(config: Config) -> dict | None:
 
 
 def evaluate_and_report(config: Config) -> dict:
+    task = get_task(config.task)
     tokenizer = load_tokenizer(config.teacher_dir)
-    teacher = load_classifier(config.teacher_dir, "teacher")
-    student = load_classifier(config.student_dir, "student")
+    teacher = load_classifier(config.teacher_dir, "teacher", task=task)
+    student = load_classifier(config.student_dir, "student", task=task)
     for name, model in (("the teacher", teacher), ("the student", student)):
         check_inputs_fit(model.config, tokenizer, config.data.max_length, name)
-    eval_data = prepare(config.data, tokenizer, "eval", label_names(teacher))
-    collate = PaddingCollator(tokenizer.pad_token_id)
-    loader = make_loader(eval_data, config.eval.batch_size, collate, shuffle=False)
+    eval_data = task.prepare(config, tokenizer, "eval", task.label_names(teacher.config))
+    loader = make_loader(eval_data, config.eval.batch_size, task.collator(tokenizer),
+                         shuffle=False)
     timing_batch = median_length_batch(loader)
-    results = {name: evaluate_model(model, loader, timing_batch, config.eval.latency_batches)
+    results = {name: evaluate_model(model, loader, timing_batch, config.eval.latency_batches,
+                                    task, eval_data)
                for name, model in (("teacher", teacher), ("student", student))}
-    report = build_report(config, results)
+    report = build_report(config, results, task.primary_metric)
     print_table(report)
     write_report(report, config.output_dir)
     return report

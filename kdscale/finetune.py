@@ -8,7 +8,7 @@ import torch
 
 from kdscale.checkpoint import check_resume, checkpoint_root
 from kdscale.config import Config, ConfigError, to_dict
-from kdscale.data import PaddingCollator, check_sources, make_loader, prepare
+from kdscale.data import check_sources, make_loader
 from kdscale.distributed import (
     check_launch_deepspeed_config,
     make_accelerator,
@@ -17,25 +17,28 @@ from kdscale.distributed import (
 )
 from kdscale.models import (
     check_inputs_fit,
-    load_teacher,
     load_tokenizer,
     num_layers_of,
     resolve_layers,
 )
+from kdscale.tasks import Task, get_task
 from kdscale.timing import StepTimer, print_breakdown
 from kdscale.tracking import log_dir, start_tracking
 from kdscale.train import model_inputs, save_model, train_loop
 
 
-def cross_entropy_step(model: torch.nn.Module, batch: dict,
-                       timer: StepTimer) -> dict[str, torch.Tensor]:
-    with timer.phase("forward"):
-        logits = model(**model_inputs(batch)).logits
-    with timer.phase("loss"):
-        # A sum over the batch's rows: the training loop divides by the step's row count.
-        loss = torch.nn.functional.cross_entropy(logits.float(), batch["labels"],
-                                                 reduction="sum")
-    return {"loss": loss}
+def cross_entropy_step(task: Task):
+    """The task's cross-entropy over the batch's rows (classes, masked tokens, tags, span
+    ends), as a sum: the training loop divides by the step's row count."""
+
+    def step(model: torch.nn.Module, batch: dict, timer: StepTimer) -> dict[str, torch.Tensor]:
+        with timer.phase("forward"):
+            outputs = model(**model_inputs(batch))
+        with timer.phase("loss"):
+            rows, labels = task.rows(task.label_logits(outputs, batch), batch)
+            loss = torch.nn.functional.cross_entropy(rows.float(), labels, reduction="sum")
+        return {"loss": loss}
+    return step
 
 
 def check_teacher_inputs(config: Config) -> None:
@@ -50,7 +53,7 @@ def check_teacher_inputs(config: Config) -> None:
 
 
 def run_finetune(config: Config) -> None:
-    check_sources(config.data)
+    check_sources(get_task(config.task).data_config(config))
     check_teacher_inputs(config)
     check_launch_deepspeed_config()
     state = process_state()
@@ -58,20 +61,22 @@ def run_finetune(config: Config) -> None:
                  state.num_processes, uses_deepspeed())
     tokenizer = load_tokenizer(config.teacher.tokenizer or config.teacher.model,
                                "teacher.tokenizer" if config.teacher.tokenizer else "teacher.model")
+    task = get_task(config.task)
     with state.main_process_first():  # one tokenizes, the rest read its files
-        train = prepare(config.data, tokenizer, "train")
-    teacher = load_teacher(config.teacher, train.num_labels)
+        train = task.prepare(config, tokenizer, "train")
+    teacher = task.new_model(config.teacher, train.label_names)
     check_inputs_fit(teacher.config, tokenizer, config.data.max_length, "the teacher")
-    teacher.config.id2label = dict(enumerate(train.label_names))
-    teacher.config.label2id = {name: i for i, name in enumerate(train.label_names)}
+    if train.label_names:  # classes or tags; a masked LM's outputs are its vocabulary
+        teacher.config.id2label = dict(enumerate(train.label_names))
+        teacher.config.label2id = {name: i for i, name in enumerate(train.label_names)}
     # After the model is built: ZeRO-3 then partitions it in prepare().
     accelerator = make_accelerator(config.finetune, config.seed, "finetune",
                                    log_dir(config.output_dir))
     start_tracking(accelerator, "finetune", to_dict(config))
     global_batch = config.finetune.batch_size * accelerator.num_processes
-    loader = make_loader(train, global_batch, PaddingCollator(tokenizer.pad_token_id),
-                         shuffle=True, seed=config.seed)
-    teacher, history = train_loop(teacher, loader, cross_entropy_step, config.finetune,
+    loader = make_loader(train, global_batch, task.collator(tokenizer), shuffle=True,
+                         seed=config.seed)
+    teacher, history = train_loop(teacher, loader, cross_entropy_step(task), config.finetune,
                                   accelerator, desc="finetune teacher",
                                   checkpoints=checkpoint_root(config.output_dir, "finetune"))
     save_model(accelerator, teacher, tokenizer, config.teacher_dir, history)

@@ -26,13 +26,15 @@ class KDLoss(torch.nn.Module):
                        temperature=self.temperature, alpha=self.alpha,
                        ignore_index=self.ignore_index)
 
-    def parts(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-              labels: torch.Tensor, reduction: str = "mean") -> dict[str, torch.Tensor]:
+    def parts(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None = None,
+              labels: torch.Tensor | None = None, reduction: str = "mean",
+              **teacher_topk: torch.Tensor) -> dict[str, torch.Tensor]:
         """The total loss and, for logging, its soft (T^2 * KL) and hard (CE) terms. The loss
         is linear in the two, so they are computed once each and combined, not recomputed;
-        a term with weight 0 is kept out of the graph (and of any 0 * inf)."""
+        a term with weight 0 is kept out of the graph (and of any 0 * inf). A top-k teacher
+        comes as `teacher_topk_values=` and `teacher_topk_indices=`."""
         kwargs = {"temperature": self.temperature, "ignore_index": self.ignore_index,
-                  "reduction": reduction}
+                  "reduction": reduction, **teacher_topk}
         terms, loss = {}, 0.0
         for name, term_alpha, weight in (("soft", 1.0, self.alpha), ("hard", 0.0, 1 - self.alpha)):
             with torch.set_grad_enabled(weight > 0 and torch.is_grad_enabled()):

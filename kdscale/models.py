@@ -25,6 +25,7 @@ from transformers import (
 
 from kdscale.config import ConfigError, StudentConfig, TeacherConfig
 from kdscale.errors import KdscaleError
+from kdscale.tasks import Task, get_task
 
 # Transformer blocks in BERT-family state dicts: bert/roberta/electra use `encoder.layer.N.`,
 # DistilBERT `transformer.layer.N.`.
@@ -91,29 +92,28 @@ def teacher_config_from_dict(fields: dict, num_labels: int) -> BertConfig:
     return BertConfig(**fields, num_labels=num_labels)
 
 
-def load_teacher(cfg: TeacherConfig, num_labels: int) -> PreTrainedModel:
-    """A teacher to fine-tune: pretrained weights (hub name or local dir) or built from a config."""
-    if cfg.config is not None:
-        config = teacher_config_from_dict(cfg.config, num_labels)
-        return AutoModelForSequenceClassification.from_config(config)
-    if cfg.model is None:
-        raise ConfigError("teacher: set teacher.model (hub name or local directory) or "
-                          "teacher.config (inline model config)")
-    with _loading(f"teacher.model {cfg.model}"):
-        return AutoModelForSequenceClassification.from_pretrained(cfg.model,
-                                                                  num_labels=num_labels)
+def load_teacher(cfg: TeacherConfig, labels: list[str] | int,
+                 task: Task | None = None) -> PreTrainedModel:
+    """A teacher to fine-tune: pretrained weights (hub name or local dir) or built from a
+    config, with a new head for `labels` (names, or how many)."""
+    if isinstance(labels, int):
+        labels = [str(i) for i in range(labels)]
+    return (task or get_task("classification")).new_model(cfg, labels)
 
 
 def load_classifier(directory: str | Path, what: str = "model",
-                    attn_implementation: str | None = None) -> PreTrainedModel:
-    """A fine-tuned sequence classifier saved by kdscale (or any `save_pretrained` directory).
-    Weights are read without running code: safetensors, or torch.load(weights_only=True) for a
-    `.bin` file (transformers' default); code shipped in the directory runs only with
-    trust_remote_code, which kdscale never passes."""
+                    attn_implementation: str | None = None, task: Task | None = None
+                    ) -> PreTrainedModel:
+    """A fine-tuned model saved by kdscale (or any `save_pretrained` directory), of the
+    task's class (default: a sequence classifier). Weights are read without running code:
+    safetensors, or torch.load(weights_only=True) for a `.bin` file (transformers' default);
+    code shipped in the directory runs only with trust_remote_code, which kdscale never
+    passes."""
     _require_checkpoint(Path(directory), what)
     options = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model_class = task.model_class if task else AutoModelForSequenceClassification
     with _loading(f"{what} checkpoint {directory}"):
-        return AutoModelForSequenceClassification.from_pretrained(directory, **options)
+        return model_class.from_pretrained(directory, **options)
 
 
 @contextlib.contextmanager
@@ -195,15 +195,16 @@ def student_from_teacher(teacher: PreTrainedModel, layers: list[int] | str,
     return student
 
 
-def build_student(cfg: StudentConfig, teacher: PreTrainedModel) -> PreTrainedModel:
+def build_student(cfg: StudentConfig, teacher: PreTrainedModel,
+                  task: Task | None = None) -> PreTrainedModel:
     """The student: the chosen layers of `student.model` (a pretrained checkpoint) or, by
     default, of the teacher, with the teacher's labels."""
     if cfg.model is None:
         return student_from_teacher(teacher, cfg.layer_spec, cfg.dropout)
+    task = task or get_task("classification")
+    labels = task.label_names(teacher.config)
     with _loading(f"student.model {cfg.model}"):
-        base = AutoModelForSequenceClassification.from_pretrained(
-            cfg.model, num_labels=teacher.config.num_labels, id2label=teacher.config.id2label,
-            label2id=teacher.config.label2id)
+        base = task.from_pretrained(cfg.model, labels or None)
     return student_from_teacher(base, cfg.layer_spec, cfg.dropout)
 
 

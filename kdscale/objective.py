@@ -11,6 +11,7 @@ from kdscale.config import LossConfig
 from kdscale.intermediate import IntermediateConfig, IntermediateLosses
 from kdscale.losses import KDLoss
 from kdscale.schedules import Schedule
+from kdscale.tasks import Task, get_task
 from kdscale.teacher import TeacherRunner
 from kdscale.timing import StepTimer
 from kdscale.train import model_inputs, valid_rows
@@ -49,7 +50,8 @@ class DistillStep:
     """`step(model, batch)` -> sums over the batch's valid rows, as the training loop wants."""
 
     def __init__(self, loss: LossConfig, teacher: TeacherRunner | None = None,
-                 ensemble_weights: list[float] | None = None):
+                 ensemble_weights: list[float] | None = None, task: Task | None = None):
+        self.task = task or get_task("classification")
         self.temperature = Schedule.from_value(loss.temperature)
         self.alpha = Schedule.from_value(loss.alpha)
         self.teacher, self.total_steps, self.step_index = teacher, 1, 0  # see set_step
@@ -73,19 +75,23 @@ class DistillStep:
         with timer.phase("forward"):
             student = model(**model_inputs(batch), **flags)
         with timer.phase("loss"):
-            parts = self.kd_loss().parts(student.logits, self._teacher_logits(batch, teacher),
-                                         batch["labels"], reduction="sum")
+            rows, labels = self.task.rows(self.task.label_logits(student, batch), batch)
+            parts = self.kd_loss().parts(rows, labels=labels, reduction="sum",
+                                         **self._teacher_rows(batch, teacher))
             if self.needs.enabled:
                 parts = self._add_intermediate(model, parts, student, teacher, batch)
         return parts
 
-    def _teacher_logits(self, batch: dict, teacher) -> torch.Tensor:
+    def _teacher_rows(self, batch: dict, teacher) -> dict[str, torch.Tensor]:
+        """kd_loss's teacher arguments, row for row with the student's."""
         if teacher is not None:
-            return teacher.logits.float()
+            label_logits = self.task.label_logits(teacher, batch).float()
+            return {"teacher_logits": self.task.rows(label_logits, batch)[0]}
         if "teacher_logits_ensemble" in batch:
-            return ensemble_logits(batch["teacher_logits_ensemble"].float(), self.weights,
-                                   self.temperature.value(self.step_index, self.total_steps))
-        return batch["teacher_logits"].float()
+            mixed = ensemble_logits(batch["teacher_logits_ensemble"].float(), self.weights,
+                                    self.temperature.value(self.step_index, self.total_steps))
+            return {"teacher_logits": mixed}
+        return self.task.cached_teacher(batch)
 
     def _add_intermediate(self, model, parts, student, teacher, batch) -> dict:
         losses = _unwrap(model).intermediate

@@ -12,7 +12,10 @@ from kdscale.config import Config, to_dict
 from kdscale.timing import PHASES, overall_breakdown
 from kdscale.validation import best_eval
 
+# Every metric a task reports (a table shows those its models have), then size and speed.
 COLUMNS = [("accuracy", "accuracy", "{:.4f}"), ("f1", "F1", "{:.4f}"),
+           ("exact_match", "exact match", "{:.4f}"),
+           ("entity_f1", "entity F1", "{:.4f}"), ("perplexity", "perplexity", "{:.2f}"),
            ("params", "parameters", "{:,}"), ("layers", "layers", "{}"),
            ("latency_ms", "latency/batch (ms)", "{:.2f}")]
 
@@ -33,14 +36,16 @@ def device_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def build_report(config: Config, results: dict[str, dict]) -> dict:
+def build_report(config: Config, results: dict[str, dict], metric: str = "accuracy") -> dict:
+    """`metric`: the task's headline metric, the one retention compares."""
     teacher, student = results["teacher"], results["student"]
     history = {"teacher": read_history(config.teacher_dir),
                "student": read_history(config.student_dir)}
     return {
         "teacher": teacher,
         "student": student,
-        "retention": student["accuracy"] / teacher["accuracy"] if teacher["accuracy"] else 0.0,
+        "metric": metric,
+        "retention": student[metric] / teacher[metric] if teacher[metric] else 0.0,
         "speedup": teacher["latency_ms"] / student["latency_ms"],
         "compression": teacher["params"] / student["params"],
         "device": device_name(),
@@ -67,16 +72,22 @@ def breakdown_lines(report: dict) -> list[str]:
 
 
 def table_rows(report: dict) -> list[list[str]]:
-    rows = [["model"] + [title for _, title, _ in COLUMNS]]
+    columns = [c for c in COLUMNS if c[0] in report["teacher"] or c[0] in report["student"]]
+    rows = [["model"] + [title for _, title, _ in columns]]
     for name in ("teacher", "student"):
         metrics = report[name]
         rows.append([name] + [fmt.format(metrics[key]) if key in metrics else "-"
-                              for key, _, fmt in COLUMNS])
+                              for key, _, fmt in columns])
     return rows
 
 
+def metric_title(report: dict) -> str:
+    key = report.get("metric", "accuracy")
+    return next((title for name, title, _ in COLUMNS if name == key), key)
+
+
 def summary_line(report: dict) -> str:
-    return (f"retention {report['retention']:.1%} of the teacher's accuracy with "
+    return (f"retention {report['retention']:.1%} of the teacher's {metric_title(report)} with "
             f"{report['compression']:.1f}x fewer parameters, {report['speedup']:.1f}x faster")
 
 
@@ -130,12 +141,13 @@ def plot(report: dict, path: Path) -> None:
     curves.set(xlabel="optimizer step", ylabel="training loss", title="Training curves")
     curves.legend()
     names = ["teacher", "student"]
-    accuracies = [report[n]["accuracy"] for n in names]
-    bars.bar(names, accuracies, color=["#4c72b0", "#dd8452"])
-    for i, acc in enumerate(accuracies):
-        bars.text(i, acc, f"{acc:.3f}", ha="center", va="bottom")
-    bars.set(ylim=(0, 1.05), ylabel="eval accuracy",
-             title=f"Accuracy (retention {report['retention']:.1%})")
+    scores = [report[n][report.get("metric", "accuracy")] for n in names]
+    bars.bar(names, scores, color=["#4c72b0", "#dd8452"])
+    for i, score in enumerate(scores):
+        bars.text(i, score, f"{score:.3f}", ha="center", va="bottom")
+    title = metric_title(report)
+    bars.set(ylim=(0, 1.05), ylabel=f"eval {title}",
+             title=f"{title[0].upper()}{title[1:]} (retention {report['retention']:.1%})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

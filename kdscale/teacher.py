@@ -21,6 +21,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification
 from kdscale import configs
 from kdscale.config import Config, ConfigError, TeacherConfig
 from kdscale.distributed import free_port
+from kdscale.tasks import get_task
 
 DEEPSPEED_CONFIGS = {"zero3": "deepspeed/teacher_zero3.json",
                      "zero3_offload": "deepspeed/teacher_zero3_offload.json"}
@@ -42,11 +43,11 @@ def compute_dtype(precision: str) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def parameter_count(checkpoint: str | Path) -> int:
+def parameter_count(checkpoint: str | Path, model_class=AutoModelForSequenceClassification) -> int:
     """The teacher's parameters, counted from its config on the meta device (no weights read)."""
     config = AutoConfig.from_pretrained(str(checkpoint))
     with torch.device("meta"):
-        model = AutoModelForSequenceClassification.from_config(config)
+        model = model_class.from_config(config)
     return sum(p.numel() for p in model.parameters())
 
 
@@ -117,16 +118,17 @@ class TeacherRunner:
 
     def __init__(self, checkpoint: str | Path, placement: str, dtype: torch.dtype,
                  ds_config: dict | None, num_params: int,
-                 attn_implementation: str | None = None):
+                 attn_implementation: str | None = None,
+                 model_class=AutoModelForSequenceClassification):
         self.device = torch.device("cuda", torch.cuda.current_device()) \
             if torch.cuda.is_available() else torch.device("cpu")
         self.placement, self.dtype, self.num_params = placement, dtype, num_params
         options = {"attn_implementation": attn_implementation} if attn_implementation else {}
         if placement == "replicate":
-            model = AutoModelForSequenceClassification.from_pretrained(str(checkpoint), **options)
+            model = model_class.from_pretrained(str(checkpoint), **options)
             self.model = model.to(self.device, dtype).eval()
         else:
-            self.model = _zero3_model(checkpoint, dtype, ds_config, options)
+            self.model = _zero3_model(checkpoint, dtype, ds_config, options, model_class)
 
     @property
     def params_held(self) -> int:
@@ -151,8 +153,9 @@ def load_runner(config: Config, state, batch_size: int,
                 attn_implementation: str | None = None) -> TeacherRunner:
     """The fine-tuned teacher in its placement, chosen (and explained) now; `batch_size` is
     the rows of one forward on this process."""
+    model_class = get_task(config.task).model_class
     dtype = compute_dtype(config.teacher.precision)
-    num_params = parameter_count(config.teacher_dir)
+    num_params = parameter_count(config.teacher_dir, model_class)
     weight_bytes = num_params * torch.finfo(dtype).bits // 8
     local_processes = state.num_processes // max(_num_machines(), 1)
     placement = choose_placement(config.teacher.placement, weight_bytes,
@@ -163,7 +166,7 @@ def load_runner(config: Config, state, batch_size: int,
         hidden = AutoConfig.from_pretrained(str(config.teacher_dir)).hidden_size
         ds_config = deepspeed_config(config.teacher, placement.name, batch_size, dtype, hidden)
     return TeacherRunner(config.teacher_dir, placement.name, dtype, ds_config, num_params,
-                         attn_implementation)
+                         attn_implementation, model_class)
 
 
 def _num_machines() -> int:
@@ -172,7 +175,8 @@ def _num_machines() -> int:
     return world // local if local else 1
 
 
-def _zero3_model(checkpoint: str | Path, dtype: torch.dtype, ds_config: dict, options: dict):
+def _zero3_model(checkpoint: str | Path, dtype: torch.dtype, ds_config: dict, options: dict,
+                 model_class):
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
@@ -180,8 +184,7 @@ def _zero3_model(checkpoint: str | Path, dtype: torch.dtype, ds_config: dict, op
     # While this object lives, from_pretrained loads each weight straight into its ZeRO-3
     # shard: no process ever holds the whole teacher.
     hf_ds_config = HfDeepSpeedConfig(ds_config)
-    model = AutoModelForSequenceClassification.from_pretrained(str(checkpoint), dtype=dtype,
-                                                               **options)
+    model = model_class.from_pretrained(str(checkpoint), dtype=dtype, **options)
     engine, *_ = deepspeed.initialize(model=model, config=ds_config)
     del hf_ds_config
     return engine.module.eval()

@@ -10,6 +10,7 @@ import torch
 from accelerate import Accelerator
 
 from kdscale.checkpoint import Progress
+from kdscale.tasks import IGNORE_INDEX, Task, get_task
 from kdscale.train import model_inputs
 
 METRIC = "eval_accuracy"
@@ -21,8 +22,10 @@ class PeriodicEval:
     is called on every process (saving gathers ZeRO-3 weights collectively)."""
 
     def __init__(self, accelerator: Accelerator, loader, every: int,
-                 save_best: Callable[[torch.nn.Module, list[dict]], None]):
+                 save_best: Callable[[torch.nn.Module, list[dict]], None],
+                 task: Task | None = None):
         self.accelerator, self.every, self.save_best = accelerator, every, save_best
+        self.task = task or get_task("classification")
         self.loader = accelerator.prepare_data_loader(loader)
 
     def due(self, step: int, last: bool) -> bool:
@@ -43,15 +46,28 @@ class PeriodicEval:
 
     @torch.no_grad()
     def score(self, model: torch.nn.Module) -> dict:
+        """Accuracy over the eval split's label entries: classes, masked tokens, tags, or
+        answer start and end positions. Counted per example, so `gather_for_metrics` can
+        drop the examples a last uneven batch repeats."""
         model.eval()
-        correct, total = torch.zeros((), dtype=torch.long, device=self.accelerator.device), 0
+        device = self.accelerator.device
+        correct, total = torch.zeros((), dtype=torch.long, device=device), 0
         for batch in self.loader:
-            preds = model(**model_inputs(batch)).logits.argmax(-1)
-            preds, labels = self.accelerator.gather_for_metrics((preds, batch["labels"]))
-            correct += (preds == labels).sum()  # summed on the device: one sync, at the end
-            total += len(labels)
+            hits, entries = self._per_example(model, batch)
+            hits, entries = self.accelerator.gather_for_metrics((hits, entries))
+            correct += hits.sum()  # summed on the device: one sync, at the end
+            total += int(entries.sum())
         model.train()
         return {METRIC: correct.item() / max(total, 1), "eval_examples": total}
+
+    def _per_example(self, model: torch.nn.Module, batch: dict):
+        label_logits = self.task.label_logits(model(**model_inputs(batch)), batch)
+        labels = batch["labels"]
+        valid = labels != IGNORE_INDEX
+        hits = (label_logits.argmax(-1) == labels) & valid
+        if labels.dim() == 1:
+            return hits.long(), valid.long()
+        return hits.flatten(1).sum(1), valid.flatten(1).sum(1)
 
 
 def best_eval(history: list[dict]) -> dict | None:

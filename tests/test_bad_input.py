@@ -133,7 +133,7 @@ CASES = {
     # data
     "missing data file": Case("distill", sections(data={"train_file": "nowhere.jsonl"}),
                               "data.train_file: file nowhere.jsonl does not exist"),
-    "unknown file type": Case("distill", data_file("train.txt", "a\n"), "has extension '.txt'"),
+    "unknown file type": Case("distill", data_file("train.xml", "<a/>\n"), "has extension '.xml'"),
     "missing column": Case("distill", sections(data={"text_column": "review"}),
                            "data.text_column: column 'review' is not in"),
     "empty dataset": Case("distill", data_file("train.jsonl", ""), "has no rows"),

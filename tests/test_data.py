@@ -151,8 +151,8 @@ def test_fingerprint(tmp_path, tokenizer):
 
 @pytest.mark.parametrize("cfg_kw, fragment", [
     ({"train_file": "{tmp}/missing.tsv"}, r"data\.train_file: file .*missing\.tsv does not exist"),
-    ({"train_file": "{tmp}/t.tsv", "eval_file": "{tmp}/dev.txt"},
-     r"data\.eval_file: .*dev\.txt has extension '\.txt'; expected one of"),
+    ({"train_file": "{tmp}/t.tsv", "eval_file": "{tmp}/dev.xlsx"},
+     r"data\.eval_file: .*dev\.xlsx has extension '\.xlsx'; expected one of"),
     ({"train_file": "{tmp}/t.tsv", "label_column": "polarity"},
      r"data\.label_column: column 'polarity' is not in data file .*t\.tsv; "
      r"its columns are \['sentence', 'label'\]"),

@@ -168,7 +168,7 @@ def test_tokenizer_sha256(tokenizer):
 def test_load_teacher_from_inline_config(tokenizer):
     fields = {"vocab_size": len(tokenizer), "hidden_size": 32, "num_hidden_layers": 3,
               "num_attention_heads": 2, "intermediate_size": 64}
-    model = load_teacher(TeacherConfig(config=fields), num_labels=5)
+    model = load_teacher(TeacherConfig(config=fields), 5)
     assert isinstance(model, BertForSequenceClassification)
     assert model.config.num_hidden_layers == len(model.bert.encoder.layer) == 3
     assert model.config.hidden_size == 32 and model.classifier.out_features == 5
@@ -176,7 +176,7 @@ def test_load_teacher_from_inline_config(tokenizer):
 
 def test_load_teacher_needs_model_or_config():
     with pytest.raises(ConfigError, match="set teacher.model"):
-        load_teacher(TeacherConfig(), num_labels=2)
+        load_teacher(TeacherConfig(), 2)
 
 
 def test_inline_teacher_config_may_not_set_num_labels():

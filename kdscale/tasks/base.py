@@ -1,0 +1,177 @@
+"""What differs between the tasks kdscale distils, behind one small interface.
+
+Every task turns a model's outputs into *label logits*: a tensor shaped like the batch's
+`labels` plus one axis of outputs, so that label logits `[..., V]` and `labels [...]` line
+up entry for entry. An entry whose label is -100 is not a row of the loss. That one idea
+carries every task through the shared machinery:
+
+    task                    labels          label logits     rows of the loss
+    classification          [B]             [B, classes]     every example
+    mlm                     [B, L]          [B, L, vocab]    the masked positions
+    token-classification    [B, L]          [B, L, tags]     the first piece of each word
+    question-answering      [B, 2]          [B, 2, L]        start and end of each feature
+
+The loss, fine-tuning, evaluation during training and the cache all work on `rows`: the
+label logits of the valid entries, in row-major order (example, then position). A cache
+stores the teacher's rows per example (dense), or only the valid positions' rows (per
+position, top-k) with each row's position, so a student batch finds its teacher rows by
+example id and checks them against its own positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel
+
+from kdscale.config import Config, ConfigError, DataConfig, TeacherConfig
+from kdscale.data import PaddingCollator, TaskData
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """How a task's teacher outputs are stored (see kdscale.cache.format)."""
+    kind: str  # "dense" | "topk"
+    num_outputs: int  # classes, vocabulary, tags, or 2 x max_length positions (QA)
+    k: int | None  # slots per top-k row
+    per_position: bool  # one row per valid position (masked token, word start)
+    masking: dict | None = None  # the fixed-mask recipe of an MLM cache
+
+    def meta(self) -> dict:
+        """The manifest fields this layout decides."""
+        return {"kind": self.kind, "num_outputs": self.num_outputs, "k": self.k,
+                "masking": self.masking}
+
+
+class Task:
+    """The classification behaviour is the default; other tasks override what differs."""
+
+    name = "classification"
+    model_class: type  # a transformers Auto class, e.g. AutoModelForSequenceClassification
+    primary_metric = "accuracy"  # what retention and "best" compare
+
+    # -- models ---------------------------------------------------------------------------
+
+    def new_model(self, cfg: TeacherConfig, labels: list[str]) -> PreTrainedModel:
+        """The teacher to fine-tune: pretrained (teacher.model) or built (teacher.config),
+        with a new head for `labels`."""
+        from kdscale.models import _loading, teacher_config_from_dict
+
+        if cfg.config is not None:
+            config = teacher_config_from_dict(cfg.config, self.head_size(labels))
+            return self.model_class.from_config(config)
+        if cfg.model is None:
+            raise ConfigError("teacher: set teacher.model (hub name or local directory) or "
+                              "teacher.config (inline model config)")
+        with _loading(f"teacher.model {cfg.model}"):
+            return self.from_pretrained(cfg.model, labels or None)
+
+    def head_size(self, labels: list[str]) -> int:
+        """Outputs of a new head: one per class or tag."""
+        return len(labels)
+
+    def from_pretrained(self, name_or_dir, labels: list[str] | None = None,
+                        **options) -> PreTrainedModel:
+        """A saved model of this task's class; `labels` names a new head's outputs."""
+        if labels is not None:
+            options |= {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+                        "label2id": {name: i for i, name in enumerate(labels)}}
+        return self.model_class.from_pretrained(str(name_or_dir), **options)
+
+    def label_names(self, model_config) -> list[str]:
+        """The output names a fine-tuned model stored (classes or tags)."""
+        return [str(model_config.id2label[i]) for i in range(model_config.num_labels)]
+
+    # -- data -----------------------------------------------------------------------------
+
+    def data_config(self, config: Config) -> DataConfig:
+        """`data:` as this task reads it (a masked LM has no label column)."""
+        return config.data
+
+    def prepare(self, config: Config, tokenizer, split: str,
+                label_names: list[str] | None = None) -> TaskData:
+        raise NotImplementedError
+
+    def collator(self, tokenizer):
+        return PaddingCollator(tokenizer.pad_token_id)
+
+    # -- outputs, rows and the loss -------------------------------------------------------
+
+    def label_logits(self, outputs, batch: dict) -> torch.Tensor:
+        return outputs.logits
+
+    def rows(self, label_logits: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows [R, V], labels [R]): the entries of the loss, row-major."""
+        valid = batch["labels"] != IGNORE_INDEX
+        return label_logits[valid], batch["labels"][valid]
+
+    def cached_teacher(self, batch: dict) -> dict[str, torch.Tensor]:
+        """kd_loss's teacher arguments, rows aligned with `rows`, from a batch the cache
+        collator filled."""
+        if "teacher_topk_positions" in batch:
+            check_positions(batch)
+        if "teacher_topk_values" in batch:
+            return {"teacher_topk_values": batch["teacher_topk_values"].float(),
+                    "teacher_topk_indices": batch["teacher_topk_indices"]}
+        dense = self.from_cache(batch["teacher_logits"].float(), batch)
+        return {"teacher_logits": self.rows(dense, batch)[0]}
+
+    # -- the cache ------------------------------------------------------------------------
+
+    def cache_layout(self, config: Config, model_config) -> CacheLayout:
+        cache = config.cache
+        return CacheLayout(cache.kind, model_config.num_labels,
+                           cache.k if cache.kind == "topk" else None, per_position=False)
+
+    def to_cache(self, label_logits: torch.Tensor, batch: dict) -> torch.Tensor:
+        """Per-example label logits -> the [B, num_outputs] rows a dense cache stores."""
+        return label_logits.reshape(len(label_logits), -1)
+
+    def from_cache(self, stored: torch.Tensor, batch: dict) -> torch.Tensor:
+        """The inverse of `to_cache`, for a student batch."""
+        return stored
+
+    # -- evaluation -----------------------------------------------------------------------
+
+    def metrics(self, model: torch.nn.Module, loader, data: TaskData) -> dict:
+        raise NotImplementedError
+
+
+def cache_entries(task: Task, layout: CacheLayout, outputs, batch: dict) -> dict:
+    """One teacher batch as shard tensors (kdscale.cache.write_shard's arguments)."""
+    logits = task.label_logits(outputs, batch).float()
+    ids = batch["example_id"].cpu()
+    if not layout.per_position:
+        rows = task.to_cache(logits, batch).cpu()
+        if layout.kind == "dense":
+            return {"example_ids": ids, "logits": rows}
+        values, indices = rows.topk(layout.k, dim=-1)
+        return {"example_ids": ids, "values": values, "indices": indices.int()}
+    valid = (batch["labels"] != IGNORE_INDEX).to(logits.device)
+    values, indices = logits[valid].topk(layout.k, dim=-1)
+    where = valid.nonzero().cpu()  # (example in batch, position), row-major like `rows`
+    return {"example_ids": ids[where[:, 0]], "values": values.cpu(),
+            "indices": indices.int().cpu(), "positions": where[:, 1],
+            "empty_ids": ids[~valid.any(dim=1).cpu()]}
+
+
+def check_positions(batch: dict) -> None:
+    """A per-position cache's rows must sit where this batch's labels are: the masks (or
+    word starts) the cache was built with are the data's."""
+    from kdscale.cache.format import CacheError
+
+    valid = batch["labels"] != IGNORE_INDEX
+    want = valid.nonzero()[:, 1]
+    counts = valid.sum(dim=1)
+    got, got_counts = batch["teacher_topk_positions"], batch["teacher_topk_counts"]
+    if not (torch.equal(counts.cpu(), got_counts.cpu())
+            and torch.equal(want.cpu(), got.to(want.dtype).cpu())):
+        bad = (counts.cpu() != got_counts.cpu()).nonzero()[:, 0]
+        ids = batch["example_id"][bad if len(bad) else slice(None)].tolist()[:5]
+        raise CacheError(f"the cache's teacher rows sit at other token positions than the "
+                         f"data's labels for example ids {ids}: the cache was built from other "
+                         f"data (for mlm: other masks, data.mask_seed or data.mlm_probability);"
+                         f" rebuild it with `kdscale cache` for this data")
