@@ -1,0 +1,157 @@
+"""Masked-LM distillation end to end: masks fixed by seed and example id, a top-k cache of
+the teacher at the masked positions written by 2 processes, a student distilled from it,
+and a cache built with other masks refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from pipeline_helpers import REPO, accelerate_launch, kdscale
+
+from kdscale.cache import LogitCache
+from kdscale.config import config_from_dict, read_yaml
+from kdscale.demo import build_demo_tokenizer
+from kdscale.models import load_tokenizer
+from kdscale.tasks import get_task
+from kdscale.tasks.mlm import Masker
+
+K = 8
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory):
+    """configs/mlm_local.yaml, smaller and shorter, with its teacher fine-tuned."""
+    root = tmp_path_factory.mktemp("mlm")
+    config = read_yaml(REPO / "configs" / "mlm_local.yaml")
+    config["output_dir"] = str(root / "run")
+    config["teacher"]["tokenizer"] = str(REPO / config["teacher"]["tokenizer"])
+    config["teacher"]["config"] |= {"hidden_size": 32, "num_attention_heads": 2,
+                                    "intermediate_size": 64}
+    for key in ("train_file", "eval_file"):
+        config["data"][key] = str(REPO / config["data"][key])
+    config["data"] |= {"max_train_examples": 96, "max_eval_examples": 32, "mask_seed": 3}
+    config["cache"] |= {"k": K, "shard_rows": 32, "batch_size": 16}
+    for section in ("finetune", "distill"):
+        config[section] |= {"max_steps": 6, "log_every": 2, "report_to": "none"}
+    config["eval"]["latency_batches"] = 2
+    path = root / "mlm.json"
+    path.write_text(json.dumps(config))  # JSON is YAML
+    result = kdscale("finetune", "--config", str(path), cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root, path, config
+
+
+@pytest.fixture(scope="module")
+def cached(experiment):
+    """The experiment with its cache, written by 2 processes."""
+    root, path, config = experiment
+    two = accelerate_launch("-m", "kdscale", "cache", "--config", str(path))
+    assert two.returncode == 0, two.stderr[-3000:]
+    return experiment
+
+
+def masked(config: dict, split: str = "train", **data):
+    cfg = config_from_dict({**config, "data": {**config["data"], **data}})
+    return get_task("mlm").prepare(cfg, load_tokenizer(cfg.teacher.tokenizer), split)
+
+
+def test_masks_depend_on_the_seed_and_example_alone(experiment):
+    _, _, config = experiment
+    first, again = masked(config), masked(config)
+    assert first.fingerprint == again.fingerprint
+    assert first.dataset["labels"] == again.dataset["labels"]
+    other = masked(config, mask_seed=4)
+    assert other.fingerprint != first.fingerprint
+    assert other.dataset["labels"] != first.dataset["labels"]
+    # A subset masks its examples exactly as the whole set does (ids and the seed decide).
+    subset = masked(config, max_train_examples=10)
+    assert subset.dataset["labels"] == first.dataset["labels"][:10]
+
+
+def test_the_masks_follow_the_bert_recipe():
+    tokenizer = build_demo_tokenizer()
+    masker = Masker(tokenizer, 0.15, seed=0)
+    words = "the film is good but the plot is slow and dull".split()
+    encoded = tokenizer(" ".join(words * 4), return_special_tokens_mask=True)
+    chosen = replaced = 0
+    for example_id in range(400):
+        ids, labels = masker(encoded["input_ids"], encoded["special_tokens_mask"], example_id)
+        positions = [i for i, label in enumerate(labels) if label != -100]
+        assert len(positions) == round(0.15 * (len(ids) - 2))
+        assert 0 not in positions and len(ids) - 1 not in positions  # [CLS], [SEP] kept
+        assert all(labels[i] == encoded["input_ids"][i] for i in positions)
+        chosen += len(positions)
+        replaced += sum(ids[i] == tokenizer.mask_token_id for i in positions)
+    assert 0.75 < replaced / chosen < 0.85  # 80% become [MASK]
+
+
+def test_cache_of_two_processes_matches_one_and_holds_the_masked_positions(cached):
+    root, path, config = cached
+    one_dir = root / "cache-one"
+    one = kdscale("cache", "--config", str(path), "--cache.dir", str(one_dir), cwd=root)
+    assert one.returncode == 0, one.stderr[-3000:]
+    shards = sorted(p.name for p in (root / "run" / "cache").glob("shard-*.safetensors"))
+    assert shards == sorted(p.name for p in one_dir.glob("shard-*.safetensors"))
+    for name in shards:  # the same masks on every rank and every rerun: the same bytes
+        assert (root / "run" / "cache" / name).read_bytes() == (one_dir / name).read_bytes()
+
+    cache = LogitCache(root / "run" / "cache")
+    data = masked(config)
+    labels = data.dataset["labels"]
+    assert cache.per_position and cache.manifest.k == K
+    assert cache.manifest.masking == {"seed": 3, "probability": 0.15, "recipe": "bert-80-10-10"}
+    assert cache.manifest.num_rows == sum(sum(x != -100 for x in row) for row in labels)
+    ids = torch.tensor(data.dataset["example_id"][:4])
+    topk = cache.get_topk(ids)
+    want = [i for row in labels[:4] for i, x in enumerate(row) if x != -100]
+    assert topk.positions.tolist() == want
+    print(f"top-{K} cache: {cache_bytes(cache) / cache.manifest.num_rows:.1f} bytes per masked "
+          f"position")
+
+
+def cache_bytes(cache: LogitCache) -> int:
+    return sum(s["bytes"] for s in cache.manifest.shards)
+
+
+def test_cached_values_are_the_teachers_top_k(cached):
+    root, _, config = cached
+    cache = LogitCache(root / "run" / "cache")
+    data = masked(config)
+    teacher = get_task("mlm").from_pretrained(root / "run" / "teacher").eval()
+    row = data.dataset[0]
+    with torch.no_grad():
+        logits = teacher(input_ids=torch.tensor([row["input_ids"]])).logits[0]
+    positions = [i for i, x in enumerate(row["labels"]) if x != -100]
+    values, indices = logits[positions].topk(K, dim=-1)
+    cached = cache.get_topk([row["example_id"]])
+    torch.testing.assert_close(cached.values.float(), values, atol=2e-3, rtol=2e-3)  # fp16
+    assert torch.equal(cached.indices, indices.long())
+
+
+def test_student_distils_from_the_cache_and_is_evaluated(cached):
+    root, path, _ = cached
+    distill = kdscale("distill", "--config", str(path), cwd=root)
+    assert distill.returncode == 0, distill.stderr[-3000:]
+    log = json.loads((root / "run" / "student" / "training_log.json").read_text())
+    assert [r["step"] for r in log if "loss" in r] == [2, 4, 6]
+    assert all(r["soft"] > 0 and r["hard"] > 0 for r in log if "loss" in r)
+    evaluate = kdscale("eval", "--config", str(path), cwd=root)
+    assert evaluate.returncode == 0, evaluate.stderr[-3000:]
+    report = json.loads((root / "run" / "report.json").read_text())
+    assert report["student"]["layers"] == 2 and report["teacher"]["layers"] == 4
+    for model in ("teacher", "student"):
+        assert 0 <= report[model]["accuracy"] <= 1 and report[model]["perplexity"] > 1
+        assert report[model]["masked_tokens"] > 0
+
+
+def test_a_cache_built_with_other_masks_is_refused(cached):
+    root, path, _ = cached
+    result = kdscale("distill", "--config", str(path), "--data.mask_seed", "4",
+                     "--output_dir", str(root / "other"), "--cache.dir",
+                     str(root / "run" / "cache"), "--teacher.checkpoint",
+                     str(root / "run" / "teacher"), cwd=root)
+    assert result.returncode == 2
+    assert "masking: cache has {'seed': 3" in result.stderr
+    assert "expected {'seed': 4" in result.stderr
