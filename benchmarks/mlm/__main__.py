@@ -1,0 +1,3 @@
+from benchmarks.mlm.run import main
+
+main()
