@@ -69,17 +69,34 @@ def cache_estimate(config: Config, sizes: ModelSizes) -> dict:
         return {"dir": str(directory), "written": True, "examples": manifest.num_examples,
                 "kind": manifest.kind, "dtype": manifest.dtype, "bytes": on_disk}
     examples = config.data.max_train_examples or count_rows(config.data.train_file)
-    row = bytes_per_row(config, sizes)
+    row = bytes_per_row(config, sizes) * rows_per_example(config)
+    kind = "topk per position" if config.task in ("mlm", "token-classification") else \
+        "dense" if config.task == "question-answering" else config.cache.kind
     return {"dir": str(directory), "written": False, "examples": examples,
-            "kind": config.cache.kind, "dtype": config.cache.dtype, "bytes_per_row": row,
+            "kind": kind, "dtype": config.cache.dtype, "bytes_per_row": row,
             "bytes": row * examples if examples else None}
 
 
 def bytes_per_row(config: Config, sizes: ModelSizes) -> int:
-    value = _CACHE_DTYPE_BYTES[config.cache.dtype]
+    value, index = _CACHE_DTYPE_BYTES[config.cache.dtype], _TOPK_INDEX_BYTES
+    if config.task == "mlm":  # top-k, plus each masked position's place and example id
+        return config.cache.k * (value + index) + 12
+    if config.task == "token-classification":  # every tag, at each word start
+        return sizes.num_labels * (value + index) + 12
+    if config.task == "question-answering":  # a start and an end logit per position
+        return 2 * config.data.max_length * value
     if config.cache.kind == "topk":
-        return config.cache.k * (value + _TOPK_INDEX_BYTES)
+        return config.cache.k * (value + index)
     return sizes.num_labels * value
+
+
+def rows_per_example(config: Config) -> int:
+    """Cached rows per example, at most: the masked positions or word starts of a
+    full-length example (shorter ones have fewer), one otherwise."""
+    tokens = config.data.max_length - 2  # [CLS] and [SEP] are never rows
+    if config.task == "mlm":
+        return max(1, round(config.data.mlm_probability * tokens))
+    return tokens if config.task == "token-classification" else 1
 
 
 def count_rows(train_file: str | None) -> int | None:

@@ -12,6 +12,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, Pretrai
 
 from kdscale.config import Config, ConfigError
 from kdscale.models import resolve_layers, teacher_config_from_dict
+from kdscale.tasks import get_task
 
 ASSUMED_LABELS = 2  # before fine-tuning the class count is the data's; the head is tiny
 
@@ -31,8 +32,9 @@ class ModelSizes:
 def model_sizes(config: Config) -> ModelSizes:
     teacher, source = teacher_model_config(config)
     student = student_model_config(config, teacher)
-    return ModelSizes(source, count_parameters(teacher), teacher.num_hidden_layers,
-                      count_parameters(student), student.num_hidden_layers,
+    model_class = get_task(config.task).model_class  # the head differs by task
+    return ModelSizes(source, count_parameters(teacher, model_class), teacher.num_hidden_layers,
+                      count_parameters(student, model_class), student.num_hidden_layers,
                       student.hidden_size, student.num_attention_heads, teacher.num_labels)
 
 
@@ -67,7 +69,8 @@ def _read(name_or_dir: str | Path, key: str) -> PretrainedConfig:
                           f"expected a local model directory or a reachable hub name") from None
 
 
-def count_parameters(model_config: PretrainedConfig) -> int:
+def count_parameters(model_config: PretrainedConfig,
+                     model_class=AutoModelForSequenceClassification) -> int:
     with torch.device("meta"):
-        model = AutoModelForSequenceClassification.from_config(model_config)
+        model = model_class.from_config(model_config)
     return sum(p.numel() for p in model.parameters())

@@ -13,6 +13,8 @@ from pipeline_helpers import REPO, accelerate_launch, kdscale
 from kdscale.cache import LogitCache
 from kdscale.config import config_from_dict, read_yaml
 from kdscale.demo import build_demo_tokenizer
+from kdscale.launch_estimates import cache_estimate
+from kdscale.model_sizes import model_sizes
 from kdscale.models import load_tokenizer
 from kdscale.tasks import get_task
 from kdscale.tasks.mlm import Masker
@@ -107,8 +109,10 @@ def test_cache_of_two_processes_matches_one_and_holds_the_masked_positions(cache
     topk = cache.get_topk(ids)
     want = [i for row in labels[:4] for i, x in enumerate(row) if x != -100]
     assert topk.positions.tolist() == want
-    print(f"top-{K} cache: {cache_bytes(cache) / cache.manifest.num_rows:.1f} bytes per masked "
-          f"position")
+    # `kdscale env` sized it before it was written: an upper bound (every example full length)
+    planned = config_from_dict({**config, "cache": {**config["cache"], "dir": str(one_dir / "x")}})
+    estimate = cache_estimate(planned, model_sizes(planned))["bytes"]
+    assert cache_bytes(cache) <= estimate <= 3 * cache_bytes(cache)
 
 
 def cache_bytes(cache: LogitCache) -> int:
