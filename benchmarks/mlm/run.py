@@ -110,7 +110,9 @@ def main(argv=None) -> dict:
     shutil.rmtree(root, ignore_errors=True)
     start = time.perf_counter()
     teacher_cfg = kdscale_config(settings, root, "teacher-run")
-    seconds = {"finetune": timed(run_finetune, teacher_cfg),
+    teacher_data = {"data": {"max_train_examples": settings["teacher_train_examples"]}}
+    seconds = {"finetune": timed(run_finetune, kdscale_config(settings, root, "teacher-run",
+                                                              teacher_data)),
                "cache": timed(run_cache, teacher_cfg)}
     del settings["experiment"]["teacher"]["model"]  # students start from the fine-tuned teacher
     students = {kind: kdscale_config(settings, root, kind, settings[kind])
@@ -155,7 +157,10 @@ def markdown(r: dict) -> str:
     cache = r["cache"]
     lines = ["# Masked-LM distillation on SST-2 sentences", "",
              f"Device: {r['device']} ({r['torch_threads']} threads); whole run "
-             f"{r['total_s'] / 60:.1f} min. Held-out masked tokens: "
+             f"{r['total_s'] / 60:.1f} min. The teacher's MLM fine-tune read "
+             f"{r['settings']['teacher_train_examples'] or 'all the'} training sentences, the "
+             f"cache and the students {r['settings']['max_train_examples']:,}. Held-out masked "
+             f"tokens: "
              f"{r['teacher']['masked_tokens']} in {r['teacher']['examples']} dev sentences.", "",
              "| model | masked-token accuracy | perplexity | train time (s) |", "|---|---|---|---|",
              f"| teacher (6 layers) | {r['teacher']['accuracy']:.4f} | "
@@ -168,8 +173,9 @@ def markdown(r: dict) -> str:
               f"{cache['examples']:,} sentences, {cache['bytes'] / 2**20:.2f} MiB, "
               f"{cache['bytes'] / cache['rows']:.1f} bytes per masked position (built in "
               f"{r['seconds']['cache']} s).", "",
-              "Top-k truncation, on the held-out masked positions with the KD student: the soft "
-              "loss T^2 KL from the teacher's top k logits against the full teacher.", "",
+              f"Top-k truncation, on the held-out masked positions with the KD student: the soft "
+              f"loss T^2 KL (T = {r['settings']['kd']['loss']['temperature']}) from the "
+              f"teacher's top k logits against the full teacher.", "",
               "| k | bytes/position | soft loss, top-k | soft loss, full | relative error | "
               "teacher mass in top k |", "|---|---|---|---|---|---|"]
     for t in r["truncation"]:
