@@ -57,7 +57,7 @@ def open_caches(config: Config, task: Task) -> list[LogitCache]:
 def _check_kind(cache: LogitCache, task: Task, key: str, directory) -> None:
     """A per-position cache (MLM, tokens) for a per-position task; a dense one otherwise."""
     m = cache.manifest
-    per_position = task.name in ("mlm", "token-classification")
+    per_position = task.per_position
     if cache.per_position == per_position and (per_position or m.kind == "dense"):
         return
     got = "dense logits" if m.kind == "dense" else f"top-{m.k} logits" + (

@@ -14,6 +14,7 @@ from kdscale.memory_model import (
     training_state_bytes,
 )
 from kdscale.model_sizes import ModelSizes
+from kdscale.tasks import get_task
 from kdscale.teacher import DEEPSPEED_CONFIGS, choose_placement
 
 GiB = 1024**3
@@ -70,7 +71,7 @@ def cache_estimate(config: Config, sizes: ModelSizes) -> dict:
                 "kind": manifest.kind, "dtype": manifest.dtype, "bytes": on_disk}
     examples = config.data.max_train_examples or count_rows(config.data.train_file)
     row = bytes_per_row(config, sizes) * rows_per_example(config)
-    kind = "topk per position" if config.task in ("mlm", "token-classification") else \
+    kind = "topk per position" if get_task(config.task).per_position else \
         "dense" if config.task == "question-answering" else config.cache.kind
     return {"dir": str(directory), "written": False, "examples": examples,
             "kind": kind, "dtype": config.cache.dtype, "bytes_per_row": row,

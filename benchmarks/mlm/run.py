@@ -70,9 +70,9 @@ class HeldOut:
     masked positions."""
 
     def __init__(self, config):
-        self.data = TASK.prepare(config, load_tokenizer(config.teacher_dir), "eval")
-        self.loader = make_loader(self.data, config.eval.batch_size,
-                                  TASK.collator(load_tokenizer(config.teacher_dir)),
+        tokenizer = load_tokenizer(config.teacher_dir)
+        self.data = TASK.prepare(config, tokenizer, "eval")
+        self.loader = make_loader(self.data, config.eval.batch_size, TASK.collator(tokenizer),
                                   shuffle=False)
 
     def score(self, directory: Path) -> dict:

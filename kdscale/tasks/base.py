@@ -52,6 +52,7 @@ class Task:
     name = "classification"
     model_class: type  # a transformers Auto class, e.g. AutoModelForSequenceClassification
     primary_metric = "accuracy"  # what retention and "best" compare
+    per_position = False  # cached as one top-k row per labelled position, not per example
 
     # -- models ---------------------------------------------------------------------------
 
@@ -123,8 +124,8 @@ class Task:
 
     def cache_layout(self, config: Config, model_config) -> CacheLayout:
         cache = config.cache
-        return CacheLayout(cache.kind, model_config.num_labels,
-                           cache.k if cache.kind == "topk" else None, per_position=False)
+        k = cache.k if cache.kind == "topk" else None
+        return CacheLayout(cache.kind, model_config.num_labels, k, self.per_position)
 
     def to_cache(self, label_logits: torch.Tensor, batch: dict) -> torch.Tensor:
         """Per-example label logits -> the [B, num_outputs] rows a dense cache stores."""

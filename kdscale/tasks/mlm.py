@@ -27,6 +27,7 @@ class MaskedLM(Task):
     name = "mlm"
     model_class = AutoModelForMaskedLM
     primary_metric = "accuracy"  # of the predicted token at held-out masked positions
+    per_position = True
 
     def head_size(self, labels: list[str]) -> int:
         return 2  # unused: a masked LM's head predicts the vocabulary
@@ -71,7 +72,7 @@ class MaskedLM(Task):
             raise ConfigError(f"cache.kind: task mlm caches the teacher's top-k logits at the "
                               f"masked positions (a dense row would be {model_config.vocab_size}"
                               f" wide); expected topk, got {config.cache.kind!r}")
-        return CacheLayout("topk", model_config.vocab_size, config.cache.k, per_position=True,
+        return CacheLayout("topk", model_config.vocab_size, config.cache.k, self.per_position,
                            masking=masking_recipe(config))
 
     @torch.inference_mode()

@@ -79,7 +79,7 @@ class QuestionAnswering(Task):
             raise ConfigError(f"cache.kind: task question-answering caches every position's "
                               f"start and end logit (a dense cache); got {config.cache.kind!r}")
         self.max_length = config.data.max_length
-        return CacheLayout("dense", 2 * config.data.max_length, None, per_position=False)
+        return CacheLayout("dense", 2 * config.data.max_length, None, self.per_position)
 
     def to_cache(self, label_logits: torch.Tensor, batch: dict) -> torch.Tensor:
         """[B, 2, L] -> [B, 2 * max_length]: start logits, then end logits, padded."""
@@ -111,11 +111,11 @@ class QuestionAnswering(Task):
         device = next(model.parameters()).device
         position = {fid: i for i, fid in enumerate(data.dataset["example_id"])}
         best: dict[int, tuple[float, int, int]] = {}  # source id -> (score, char start, end)
+        decoding = data.dataset.select_columns(["offsets", "source_id"])
         for batch in loader:
             inputs = {k: v.to(device) for k, v in model_inputs(batch).items()}
             logits = self.label_logits(model(**inputs), inputs).float().cpu()
-            rows = data.dataset.select_columns(["offsets", "source_id"])[
-                [position[i] for i in batch["example_id"].tolist()]]
+            rows = decoding[[position[i] for i in batch["example_id"].tolist()]]
             _keep_best(best, logits, rows, data.max_answer_length)
         ids, examples = data.examples["example_id"], data.examples
         contexts = dict(zip(ids, examples["context"], strict=True))

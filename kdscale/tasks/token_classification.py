@@ -30,6 +30,7 @@ class TokenClassification(Task):
     name = "token-classification"
     model_class = AutoModelForTokenClassification
     primary_metric = "entity_f1"
+    per_position = True
 
     def prepare(self, config: Config, tokenizer, split: str,
                 label_names: list[str] | None = None) -> TaskData:
@@ -52,7 +53,7 @@ class TokenClassification(Task):
     def cache_layout(self, config: Config, model_config) -> CacheLayout:
         # cache.kind and cache.k do not apply: a row of every tag is small, so none is dropped.
         tags = model_config.num_labels
-        return CacheLayout("topk", tags, tags, per_position=True)
+        return CacheLayout("topk", tags, tags, per_position=self.per_position)
 
     @torch.inference_mode()
     def metrics(self, model: torch.nn.Module, loader, data: TaskData) -> dict:
