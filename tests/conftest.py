@@ -10,6 +10,10 @@ import shutil
 import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Each worker shares the cores with the others: one thread apiece, so parallel tests
+    # (and the processes they launch) do not oversubscribe the machine.
+    os.environ["OMP_NUM_THREADS"] = "1"
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 _DATASETS_CACHE = tempfile.mkdtemp(prefix="kdscale-tests-datasets-")
 os.environ["HF_DATASETS_CACHE"] = _DATASETS_CACHE  # never the user's own cache
@@ -38,15 +42,30 @@ def teacher(tokenizer):
     return model.eval()
 
 
+def pytest_collection_modifyitems(items):
+    """Slow end-to-end tests first: parallel workers take whole files in collection order,
+    and a long file taken last would leave one worker running it alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session")
 def quick_demo(tmp_path_factory):
     """One short `kdscale demo` run (teacher, cache, student, report) shared by the tests
-    that need a real pipeline's files."""
+    that need a real pipeline's files; under pytest-xdist the first worker to need it
+    builds it and the others wait for it and read the same files."""
+    from filelock import FileLock
     from pipeline_helpers import QUICK, kdscale
 
-    out = tmp_path_factory.mktemp("demo") / "run"
-    result = kdscale("demo", "--output_dir", str(out), *QUICK, cwd=out.parent)
-    assert result.returncode == 0, result.stderr[-3000:]
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the folder every worker's own temporary folder sits in
+    out = root / "quick-demo" / "run"
+    with FileLock(str(root / "quick-demo.lock")):
+        if not (out / "report.json").is_file():
+            shutil.rmtree(out.parent, ignore_errors=True)  # a build that died half-way
+            out.parent.mkdir()
+            result = kdscale("demo", "--output_dir", str(out), *QUICK, cwd=out.parent)
+            assert result.returncode == 0, result.stderr[-3000:]
     return out
 
 

@@ -1,6 +1,6 @@
 """`kdscale cache` over real processes: 2 ranks with a ZeRO-3 teacher, a rank killed and the
-job resumed, two "machines" on loopback, and one process with a replicated teacher. Every
-run must give the same cache, byte for byte."""
+job resumed, and one process with a replicated teacher. Every run must give the same cache,
+byte for byte (two "machines" on loopback: tests/test_launch.py's SLURM cache job)."""
 
 from __future__ import annotations
 
@@ -121,20 +121,6 @@ def test_a_killed_rank_resumes_to_the_same_cache(experiment, two_rank_cache):
     out = finish(launch_cache(config))
     finished_before = int(out.split(" already finished")[0].rsplit(", ", 1)[1])
     assert finished_before >= 2
-    assert shard_digests(cache_dir) == shard_digests(two_rank_cache)
-
-
-def test_two_machines_on_loopback_write_the_same_cache(experiment, two_rank_cache):
-    config = write_config(experiment, "two_machines")
-    port = str(free_port())
-    machines = [subprocess.Popen(
-        [*LAUNCH, "--num_processes", "2", "--num_machines", "2", "--machine_rank", str(rank),
-         "--main_process_ip", "127.0.0.1", "--main_process_port", port,
-         "-m", "kdscale", "cache", "--config", str(config)],
-        env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
-    for machine in machines:
-        finish(machine)
-    cache_dir = experiment["root"] / "two_machines" / "cache"
     assert shard_digests(cache_dir) == shard_digests(two_rank_cache)
 
 

@@ -26,6 +26,7 @@ SCRIPTS = sorted(p for p in (REPO / "launch").iterdir() if p.suffix in (".sh", "
 ENV = {**LAUNCH_ENV, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
        "PYTHON": sys.executable}
 STEPS, LOG_EVERY = 12, 4
+pytestmark = pytest.mark.slow  # several two-node launches
 
 
 def shellcheck() -> str:
