@@ -66,8 +66,9 @@ class DataConfig:
     max_length: int = 128
     max_train_examples: int | None = None  # keep the first N rows (quick runs)
     max_eval_examples: int | None = None
-    # task mlm: each example's masks are drawn once from (mask_seed, example id), so every
-    # rerun, process and machine masks the same tokens, and the cache records the recipe.
+    # tasks mlm and pretraining: each example's masks (and, for pretraining, its second
+    # sentence) are drawn once from (mask_seed, example id), so every rerun, process and
+    # machine masks the same tokens, and the cache records the recipe.
     mlm_probability: float = 0.15
     mask_seed: int = 0
     # task question-answering: overlap (in tokens) of the windows a long context is cut into
@@ -139,8 +140,9 @@ class EvalConfig:
 @dataclass
 class Config:
     # What is distilled (kdscale.tasks): sentence classification, masked-LM ("general
-    # distillation"), token classification (NER) or extractive question answering.
-    task: Literal["classification", "mlm", "token-classification",
+    # distillation"), masked LM + next-sentence prediction (BERT's pre-training heads),
+    # token classification (NER) or extractive question answering.
+    task: Literal["classification", "mlm", "pretraining", "token-classification",
                   "question-answering"] = "classification"
     output_dir: str = "runs/kdscale"
     seed: int = 42

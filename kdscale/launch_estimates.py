@@ -80,7 +80,7 @@ def cache_estimate(config: Config, sizes: ModelSizes) -> dict:
 
 def bytes_per_row(config: Config, sizes: ModelSizes) -> int:
     value, index = _CACHE_DTYPE_BYTES[config.cache.dtype], _TOPK_INDEX_BYTES
-    if config.task == "mlm":  # top-k, plus each masked position's place and example id
+    if config.task in ("mlm", "pretraining"):  # top-k, plus each row's place and example id
         return config.cache.k * (value + index) + 12
     if config.task == "token-classification":  # every tag, at each word start
         return sizes.num_labels * (value + index) + 12
@@ -95,8 +95,9 @@ def rows_per_example(config: Config) -> int:
     """Cached rows per example, at most: the masked positions or word starts of a
     full-length example (shorter ones have fewer), one otherwise."""
     tokens = config.data.max_length - 2  # [CLS] and [SEP] are never rows
-    if config.task == "mlm":
-        return max(1, round(config.data.mlm_probability * tokens))
+    if config.task in ("mlm", "pretraining"):  # pretraining: one more, the next-sentence row
+        masked = max(1, round(config.data.mlm_probability * tokens))
+        return masked + (config.task == "pretraining")
     return tokens if config.task == "token-classification" else 1
 
 

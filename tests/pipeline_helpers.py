@@ -53,6 +53,28 @@ def write_config(path: Path, demo: Path, **sections) -> Path:
     return path
 
 
+def small_task_config(name: str, root: Path, data: dict, cache: dict) -> tuple[Path, dict]:
+    """configs/<name>.yaml at test size (a narrower teacher, 6 steps a stage, paths made
+    absolute, `data` and `cache` laid over), written under `root`."""
+    from kdscale.config import read_yaml
+
+    config = read_yaml(REPO / "configs" / f"{name}.yaml")
+    config["output_dir"] = str(root / "run")
+    config["teacher"]["tokenizer"] = str(REPO / config["teacher"]["tokenizer"])
+    config["teacher"]["config"] |= {"hidden_size": 32, "num_attention_heads": 2,
+                                    "intermediate_size": 64}
+    for key in ("train_file", "eval_file"):
+        config["data"][key] = str(REPO / config["data"][key])
+    config["data"] |= data
+    config["cache"] |= cache
+    for section in ("finetune", "distill"):
+        config[section] |= {"max_steps": 6, "log_every": 2, "report_to": "none"}
+    config["eval"]["latency_batches"] = 2
+    path = root / f"{name}.json"
+    path.write_text(json.dumps(config))  # JSON is YAML
+    return path, config
+
+
 
 
 def worker_of_rank(launcher: psutil.Process, rank: int) -> psutil.Process | None:

@@ -8,10 +8,10 @@ import json
 
 import pytest
 import torch
-from pipeline_helpers import REPO, accelerate_launch, kdscale
+from pipeline_helpers import accelerate_launch, kdscale, small_task_config
 
 from kdscale.cache import LogitCache
-from kdscale.config import ConfigError, config_from_dict, read_yaml
+from kdscale.config import ConfigError, config_from_dict
 from kdscale.demo import build_demo_tokenizer
 from kdscale.launch_estimates import cache_estimate
 from kdscale.model_sizes import model_sizes
@@ -26,20 +26,10 @@ K = 8
 def experiment(tmp_path_factory):
     """configs/mlm_local.yaml, smaller and shorter, with its teacher fine-tuned."""
     root = tmp_path_factory.mktemp("mlm")
-    config = read_yaml(REPO / "configs" / "mlm_local.yaml")
-    config["output_dir"] = str(root / "run")
-    config["teacher"]["tokenizer"] = str(REPO / config["teacher"]["tokenizer"])
-    config["teacher"]["config"] |= {"hidden_size": 32, "num_attention_heads": 2,
-                                    "intermediate_size": 64}
-    for key in ("train_file", "eval_file"):
-        config["data"][key] = str(REPO / config["data"][key])
-    config["data"] |= {"max_train_examples": 96, "max_eval_examples": 32, "mask_seed": 3}
-    config["cache"] |= {"k": K, "shard_rows": 32, "batch_size": 16}
-    for section in ("finetune", "distill"):
-        config[section] |= {"max_steps": 6, "log_every": 2, "report_to": "none"}
-    config["eval"]["latency_batches"] = 2
-    path = root / "mlm.json"
-    path.write_text(json.dumps(config))  # JSON is YAML
+    path, config = small_task_config(
+        "mlm_local", root, data={"max_train_examples": 96, "max_eval_examples": 32,
+                                 "mask_seed": 3},
+        cache={"k": K, "shard_rows": 32, "batch_size": 16})
     result = kdscale("finetune", "--config", str(path), cwd=root)
     assert result.returncode == 0, result.stderr[-3000:]
     return root, path, config

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from kdscale.tasks.base import IGNORE_INDEX, CacheLayout, Task, cache_entries
 
-TASKS = ("classification", "mlm", "token-classification", "question-answering")
+TASKS = ("classification", "mlm", "pretraining", "token-classification", "question-answering")
 
 
 def get_task(name: str) -> Task:
@@ -17,6 +17,10 @@ def get_task(name: str) -> Task:
         from kdscale.tasks.mlm import MaskedLM
 
         return MaskedLM()
+    if name == "pretraining":
+        from kdscale.tasks.pretraining import Pretraining
+
+        return Pretraining()
     if name == "token-classification":
         from kdscale.tasks.token_classification import TokenClassification
 

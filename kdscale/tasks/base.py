@@ -8,6 +8,7 @@ carries every task through the shared machinery:
     task                    labels          label logits     rows of the loss
     classification          [B]             [B, classes]     every example
     mlm                     [B, L]          [B, L, vocab]    the masked positions
+    pretraining             [B, L]          [B, L, vocab]    masked positions + [CLS] (NSP)
     token-classification    [B, L]          [B, L, tags]     the first piece of each word
     question-answering      [B, 2]          [B, 2, L]        start and end of each feature
 

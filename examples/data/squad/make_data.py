@@ -9,8 +9,10 @@ contexts are long enough to need several windows at max_length 64 with doc_strid
     python examples/data/squad/make_data.py --out DIR
 
 Writes train.jsonl, dev.jsonl (the hub's `answers` format: {"text": [...], "answer_start":
-[...]}, character offsets; dev rows may list several gold answers) and tokenizer/. The same
-seed always gives the same files.
+[...]}, character offsets; dev rows may list several gold answers) and tokenizer/; and the
+contexts again as train_sentences.txt and dev_sentences.txt in BERT's pre-training format
+(one sentence per line, a blank line between contexts) for task pretraining. The same seed
+always gives the same files.
 """
 
 from __future__ import annotations
@@ -111,7 +113,15 @@ def write_task(directory: Path, n_train: int = 300, n_dev: int = 50, seed: int =
     for name, n, variants in (("train", n_train, False), ("dev", n_dev, True)):
         rows = make_rows(rng, n, variants)
         (directory / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (directory / f"{name}_sentences.txt").write_text(sentences_text(rows))
     build_tokenizer().save_pretrained(str(directory / "tokenizer"))
+
+
+def sentences_text(rows: list[dict]) -> str:
+    """Each distinct context, one sentence per line, contexts apart by a blank line."""
+    contexts = dict.fromkeys(r["context"] for r in rows)
+    return "\n".join("".join(f"{s.removesuffix('.')}.\n" for s in c.split(". "))
+                     for c in contexts)
 
 
 def main() -> None:
@@ -120,7 +130,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     write_task(args.out, seed=args.seed)
-    print(f"wrote {args.out}/train.jsonl, dev.jsonl and tokenizer/")
+    print(f"wrote {args.out}/train.jsonl, dev.jsonl, *_sentences.txt and tokenizer/")
 
 
 if __name__ == "__main__":
