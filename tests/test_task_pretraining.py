@@ -116,10 +116,14 @@ def test_the_cache_holds_each_pairs_next_sentence_logits_at_cls(experiment):
     torch.testing.assert_close(topk.values[1:].float(),
                                out.prediction_logits[0, masked].topk(K).values,
                                atol=2e-3, rtol=2e-3)
-    # `kdscale env` sizes it beforehand: an upper bound (every pair full length)
-    planned = config_from_dict({**config, "cache": {**config["cache"], "dir": str(root / "x")}})
-    written = sum(s["bytes"] for s in cache.manifest.shards)
-    assert written <= cache_estimate(planned, model_sizes(planned))["bytes"] <= 3 * written
+    # `kdscale env` sizes it beforehand: an upper bound (every pair full length), with one
+    # row per example more than task mlm's estimate for the same text.
+    planned = {**config, "cache": {**config["cache"], "dir": str(root / "x")}}
+    estimate = {task: cache_estimate(cfg, model_sizes(cfg)) for task, cfg in (
+        (task, config_from_dict({**planned, "task": task})) for task in ("pretraining", "mlm"))}
+    assert sum(s["bytes"] for s in cache.manifest.shards) <= estimate["pretraining"]["bytes"]
+    one_row_each = estimate["mlm"]["examples"] * (6 * K + 12)  # fp16 + int32 per slot
+    assert estimate["pretraining"]["bytes"] - estimate["mlm"]["bytes"] == one_row_each
 
 
 def test_student_distils_both_heads_and_is_evaluated(experiment):
