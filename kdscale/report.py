@@ -16,6 +16,7 @@ from kdscale.validation import best_eval
 COLUMNS = [("accuracy", "accuracy", "{:.4f}"), ("f1", "F1", "{:.4f}"),
            ("exact_match", "exact match", "{:.4f}"),
            ("entity_f1", "entity F1", "{:.4f}"), ("perplexity", "perplexity", "{:.2f}"),
+           ("next_sentence_accuracy", "next-sentence accuracy", "{:.4f}"),
            ("params", "parameters", "{:,}"), ("layers", "layers", "{}"),
            ("latency_ms", "latency/batch (ms)", "{:.2f}")]
 

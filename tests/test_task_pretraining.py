@@ -139,6 +139,7 @@ def test_student_distils_both_heads_and_is_evaluated(experiment):
     for model in ("teacher", "student"):
         assert 0 <= report[model]["next_sentence_accuracy"] <= 1
         assert report[model]["masked_tokens"] > 0 and report[model]["perplexity"] > 1
+    assert "next-sentence accuracy" in (root / "run" / "report.md").read_text()
 
 
 def test_a_masked_lm_cache_is_refused_for_pretraining(experiment):
