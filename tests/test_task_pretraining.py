@@ -18,8 +18,8 @@ from kdscale.launch_estimates import cache_estimate
 from kdscale.model_sizes import model_sizes
 from kdscale.models import load_tokenizer
 from kdscale.tasks import get_task
+from kdscale.tasks.base import PAD_LOGIT
 from kdscale.tasks.pretraining import IS_NEXT, NOT_NEXT, sentence_pairs
-from kdscale.tasks.question_answering import PAD_LOGIT
 
 K = 8
 

@@ -30,6 +30,7 @@ from kdscale.config import Config, ConfigError, DataConfig, TeacherConfig
 from kdscale.data import PaddingCollator, TaskData
 
 IGNORE_INDEX = -100
+PAD_LOGIT = -1e4  # a padded output: no probability after softmax, and finite in fp16
 
 
 @dataclass(frozen=True)

@@ -28,9 +28,8 @@ from transformers import AutoModelForPreTraining
 
 from kdscale.config import Config
 from kdscale.data import DataError, TaskData, fingerprint, load_raw
-from kdscale.tasks.base import IGNORE_INDEX, CacheLayout
+from kdscale.tasks.base import IGNORE_INDEX, PAD_LOGIT, CacheLayout
 from kdscale.tasks.mlm import MaskedLM, Masker
-from kdscale.tasks.question_answering import PAD_LOGIT
 
 IS_NEXT, NOT_NEXT = 0, 1  # BertForPreTraining's next_sentence_label convention
 NSP_POSITION = 0  # the [CLS] token: never masked, and where BERT reads the pair from

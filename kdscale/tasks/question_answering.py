@@ -23,10 +23,9 @@ from transformers import AutoModelForQuestionAnswering
 from kdscale.cache.format import CacheError
 from kdscale.config import Config, ConfigError, DataConfig
 from kdscale.data import DataError, TaskData, fingerprint, load_raw
-from kdscale.tasks.base import CacheLayout, Task
+from kdscale.tasks.base import PAD_LOGIT, CacheLayout, Task
 from kdscale.tasks.squad_metrics import best_spans, squad_scores
 
-PAD_LOGIT = -1e4  # padded positions: no probability after softmax, finite in fp16
 NOT_CONTEXT = [-1, -1]  # the offsets kept for question, special and padding tokens
 
 
