@@ -53,6 +53,16 @@ def write_config(path: Path, demo: Path, **sections) -> Path:
     return path
 
 
+def distill_and_evaluate(root: Path, config: Path) -> tuple[list[dict], dict]:
+    """`kdscale distill`, then `kdscale eval`, of an experiment under `root`: the student's
+    training log and the report."""
+    for stage in ("distill", "eval"):
+        result = kdscale(stage, "--config", str(config), cwd=root)
+        assert result.returncode == 0, result.stderr[-3000:]
+    log = json.loads((root / "run" / "student" / "training_log.json").read_text())
+    return log, json.loads((root / "run" / "report.json").read_text())
+
+
 def small_task_config(name: str, root: Path, data: dict, cache: dict) -> tuple[Path, dict]:
     """configs/<name>.yaml at test size (a narrower teacher, 6 steps a stage, paths made
     absolute, `data` and `cache` laid over), written under `root`."""

@@ -4,11 +4,9 @@ and a cache built with other masks refused."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from pipeline_helpers import accelerate_launch, kdscale, small_task_config
+from pipeline_helpers import accelerate_launch, distill_and_evaluate, kdscale, small_task_config
 
 from kdscale.cache import LogitCache
 from kdscale.config import ConfigError, config_from_dict
@@ -142,14 +140,9 @@ def test_cached_values_are_the_teachers_top_k(cached):
 
 def test_student_distils_from_the_cache_and_is_evaluated(cached):
     root, path, _ = cached
-    distill = kdscale("distill", "--config", str(path), cwd=root)
-    assert distill.returncode == 0, distill.stderr[-3000:]
-    log = json.loads((root / "run" / "student" / "training_log.json").read_text())
+    log, report = distill_and_evaluate(root, path)
     assert [r["step"] for r in log if "loss" in r] == [2, 4, 6]
     assert all(r["soft"] > 0 and r["hard"] > 0 for r in log if "loss" in r)
-    evaluate = kdscale("eval", "--config", str(path), cwd=root)
-    assert evaluate.returncode == 0, evaluate.stderr[-3000:]
-    report = json.loads((root / "run" / "report.json").read_text())
     assert report["student"]["layers"] == 2 and report["teacher"]["layers"] == 4
     for model in ("teacher", "student"):
         assert 0 <= report[model]["accuracy"] <= 1 and report[model]["perplexity"] > 1

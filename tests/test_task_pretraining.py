@@ -4,13 +4,12 @@ tokens, that row's top-k cache, and a student distilled and evaluated on both he
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 from kdscale.kernels import kd_loss_reference
-from pipeline_helpers import kdscale, small_task_config
+from pipeline_helpers import distill_and_evaluate, kdscale, small_task_config
 
 from kdscale.cache import LogitCache
 from kdscale.config import config_from_dict
@@ -128,13 +127,8 @@ def test_the_cache_holds_each_pairs_next_sentence_logits_at_cls(experiment):
 
 def test_student_distils_both_heads_and_is_evaluated(experiment):
     root, path, _ = experiment
-    distill = kdscale("distill", "--config", str(path), cwd=root)
-    assert distill.returncode == 0, distill.stderr[-3000:]
-    log = json.loads((root / "run" / "student" / "training_log.json").read_text())
+    log, report = distill_and_evaluate(root, path)
     assert all(r["soft"] > 0 and r["hard"] > 0 for r in log if "loss" in r)
-    evaluate = kdscale("eval", "--config", str(path), cwd=root)
-    assert evaluate.returncode == 0, evaluate.stderr[-3000:]
-    report = json.loads((root / "run" / "report.json").read_text())
     assert report["student"]["layers"] == 2 and report["teacher"]["layers"] == 4
     for model in ("teacher", "student"):
         assert 0 <= report[model]["next_sentence_accuracy"] <= 1

@@ -21,6 +21,8 @@ token, where BERT's pre-training loss adds a separate NSP mean.
 
 from __future__ import annotations
 
+import dataclasses
+
 import datasets
 import numpy as np
 import torch
@@ -77,9 +79,8 @@ class Pretraining(MaskedLM):
 
     def cache_layout(self, config: Config, model_config) -> CacheLayout:
         layout = super().cache_layout(config, model_config)
-        masking = {**layout.masking, "next_sentence": "next-or-random-0.5"}
-        return CacheLayout(layout.kind, layout.num_outputs, layout.k, layout.per_position,
-                           masking=masking)
+        return dataclasses.replace(
+            layout, masking={**layout.masking, "next_sentence": "next-or-random-0.5"})
 
     @torch.inference_mode()
     def metrics(self, model: torch.nn.Module, loader, data: TaskData) -> dict:
