@@ -90,7 +90,7 @@ def plan_job(config: Config, state) -> CacheJob:
     teacher_config = AutoConfig.from_pretrained(str(config.teacher_dir))
     check_inputs_fit(teacher_config, tokenizer, config.data.max_length, "the teacher")
     with state.main_process_first():  # one process tokenizes; the rest read its cache files
-        data = task.prepare(config, tokenizer, "train", task.label_names(teacher_config))
+        data = task.transfer_set(config, tokenizer, task.label_names(teacher_config))
     cache, layout = config.cache, task.cache_layout(config, teacher_config)
     meta = {**layout.meta(), "dtype": cache.dtype,
             "teacher": {"name": str(config.teacher_dir),

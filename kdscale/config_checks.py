@@ -12,6 +12,7 @@ from kdscale.config_schema import CacheConfig, Config, ConfigError, TrainConfig
 def validate(config: Config) -> None:
     """Impossible values stop here, before any model or data is touched."""
     _validate_loss(config)
+    _validate_augment(config)
     _validate_ensemble(config.cache)
     _check(not (config.cache.ensemble and config.teacher.source == "online"), "cache.ensemble",
            "null when teacher.source is online", config.cache.ensemble)
@@ -63,6 +64,26 @@ def _validate_loss(config: Config) -> None:
         _check(weight >= 0, f"loss.{key}", "a weight >= 0", weight)
         _check(weight == 0 or config.teacher.source == "online", f"loss.{key}",
                "0 unless teacher.source is online (the cache holds logits only)", weight)
+
+
+def _validate_augment(config: Config) -> None:
+    from kdscale.schedules import Schedule
+
+    aug = config.data.augment
+    _check(aug.copies >= 0, "data.augment.copies", "an integer >= 0", aug.copies)
+    for key in ("mask_prob", "replace_prob", "ngram_prob"):
+        _check(0 <= getattr(aug, key) <= 1, f"data.augment.{key}", "a probability in [0, 1]",
+               getattr(aug, key))
+    _check(aug.mask_prob + aug.replace_prob <= 1, "data.augment.replace_prob",
+           f"at most 1 - mask_prob = {1 - aug.mask_prob:g}", aug.replace_prob)
+    _check(aug.max_ngram >= 1, "data.augment.max_ngram", "an integer >= 1", aug.max_ngram)
+    if not aug.copies:
+        return
+    _check(config.task == "classification", "data.augment.copies",
+           f"0 for task {config.task} (copies are built for task classification)", aug.copies)
+    # Copies have no label: with no soft term they would only dilute the hard one.
+    _check(Schedule.from_value(config.loss.alpha).bounds()[1] > 0, "data.augment.copies",
+           "0 when loss.alpha is 0 throughout (copies carry the soft term only)", aug.copies)
 
 
 def _validate_ensemble(cache: CacheConfig) -> None:

@@ -43,12 +43,29 @@ class StudentConfig:
     # A pretrained student (a saved model directory) instead of the teacher's layers, e.g. a
     # general-distilled small BERT; it must share the teacher's vocabulary.
     model: str | None = None
+    # Keep the token embedding matrix as it is: in a small BERT it is most of the student
+    # (MiniLM-L6, 3 layers: 11.7M of 17.4M parameters), so its gradient and optimizer
+    # update are a large share of each step on a CPU.
+    freeze_embeddings: bool = False
 
     @property
     def layer_spec(self) -> list[int] | str:
         if self.layers is not None:
             return self.layers
         return "all" if self.model else "first:3"
+
+
+@dataclass
+class AugmentConfig:
+    """Noisy copies of each training row that only the teacher labels (task classification):
+    a bigger transfer set for the student (kdscale.augment). Applied to the distillation's
+    data and its cache, never to the teacher's fine-tuning or to evaluation."""
+    copies: int = 0  # copies per training row; 0: none
+    mask_prob: float = 0.1  # a word becomes the tokenizer's mask token
+    replace_prob: float = 0.1  # a word becomes one drawn from the training text by frequency
+    ngram_prob: float = 0.25  # the copy is cut to a random span of 1..max_ngram words
+    max_ngram: int = 5
+    seed: int = 0  # with the example id and copy number, draws each copy
 
 
 @dataclass
@@ -73,6 +90,7 @@ class DataConfig:
     mask_seed: int = 0
     # task question-answering: overlap (in tokens) of the windows a long context is cut into
     doc_stride: int = 128
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 @dataclass

@@ -16,6 +16,7 @@ import datasets
 import torch
 from datasets.exceptions import DatasetGenerationError
 
+from kdscale.augment import COPY_COLUMN, NO_LABEL, with_copies
 from kdscale.config import DataConfig
 from kdscale.errors import KdscaleError
 
@@ -185,10 +186,16 @@ def label_names_of(raw: datasets.Dataset, cfg: DataConfig) -> list[str]:
 
 
 def prepare(cfg: DataConfig, tokenizer, split: str,
-            label_names: list[str] | None = None) -> TaskData:
+            label_names: list[str] | None = None, augment: bool = False) -> TaskData:
     """Load, tokenize and fingerprint one split. Pass the training split's `label_names` when
-    preparing the eval split, so string labels map to the same ids."""
+    preparing the eval split, so string labels map to the same ids. `augment`: add the
+    training rows' `data.augment` copies (labelled NO_LABEL), as distillation reads them."""
     raw = load_raw(cfg, split)
+    if augment and cfg.augment.copies:
+        if cfg.augment.mask_prob > 0 and tokenizer.mask_token is None:
+            raise DataError("data.augment.mask_prob: the teacher's tokenizer has no mask "
+                            "token; expected data.augment.mask_prob 0")
+        raw = with_copies(raw, cfg, tokenizer.mask_token)
     label_names = label_names or label_names_of(raw, cfg)
     label_ids = {name: i for i, name in enumerate(label_names)}
     is_class_label = isinstance(raw.features[cfg.label_column], datasets.ClassLabel)
@@ -199,7 +206,10 @@ def prepare(cfg: DataConfig, tokenizer, split: str,
         encoded = tokenizer(batch[cfg.text_column], pairs, truncation=True,
                             max_length=cfg.max_length)
         labels = batch[cfg.label_column]
-        encoded["labels"] = labels if is_class_label else [label_ids[str(v)] for v in labels]
+        labels = labels if is_class_label else [label_ids[str(v)] for v in labels]
+        copies = batch.get(COPY_COLUMN, [0] * len(labels))
+        encoded["labels"] = [NO_LABEL if copy else label
+                             for copy, label in zip(copies, labels, strict=True)]
         return encoded
 
     unknown = set(map(str, raw.unique(cfg.label_column))) - set(label_names)

@@ -89,7 +89,7 @@ def run_distill(config: Config) -> None:
                  state.num_processes, uses_deepspeed())
     labels = task.label_names(teacher.config)
     with state.main_process_first():  # one process tokenizes, the rest read its files
-        train = task.prepare(config, tokenizer, "train", labels)
+        train = task.transfer_set(config, tokenizer, labels)
     check_caches(config, caches, train, task.cache_layout(config, teacher.config), tokenizer)
     model = student = build_student(config.student, teacher, task)
     extra = intermediate_config(config.loss)

@@ -70,6 +70,8 @@ def cache_estimate(config: Config, sizes: ModelSizes) -> dict:
         return {"dir": str(directory), "written": True, "examples": manifest.num_examples,
                 "kind": manifest.kind, "dtype": manifest.dtype, "bytes": on_disk}
     examples = config.data.max_train_examples or count_rows(config.data.train_file)
+    if examples:  # an augmented copy is an example of its own
+        examples *= 1 + config.data.augment.copies
     row = bytes_per_row(config, sizes) * rows_per_example(config)
     kind = "topk per position" if get_task(config.task).per_position else \
         "dense" if config.task == "question-answering" else config.cache.kind

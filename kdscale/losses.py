@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from kdscale.augment import NO_LABEL
 from kdscale.kernels import kd_loss
 
 
@@ -32,18 +33,35 @@ class KDLoss(torch.nn.Module):
         """The total loss and, for logging, its soft (T^2 * KL) and hard (CE) terms. The loss
         is linear in the two, so they are computed once each and combined, not recomputed;
         a term with weight 0 is kept out of the graph (and of any 0 * inf). A top-k teacher
-        comes as `teacher_topk_values=` and `teacher_topk_indices=`."""
+        comes as `teacher_topk_values=` and `teacher_topk_indices=`.
+
+        A row labelled NO_LABEL (an augmented copy, labelled by the teacher only) is a row of
+        the soft term and not of the hard one; a mean is still over all rows, so each row
+        weighs the same: (alpha * T^2 * sum KL + (1 - alpha) * sum of the labelled CE) / rows."""
+        labels_for = {"soft": labels, "hard": labels}
+        if labels is not None:
+            unlabelled = labels == NO_LABEL
+            labels_for = {"soft": labels.masked_fill(unlabelled, 0),  # any class: CE has weight 0
+                          "hard": labels.masked_fill(unlabelled, self.ignore_index)}
         kwargs = {"temperature": self.temperature, "ignore_index": self.ignore_index,
-                  "reduction": reduction, **teacher_topk}
+                  "reduction": "sum" if reduction == "mean" else reduction, **teacher_topk}
         terms, loss = {}, 0.0
         for name, term_alpha, weight in (("soft", 1.0, self.alpha), ("hard", 0.0, 1 - self.alpha)):
             with torch.set_grad_enabled(weight > 0 and torch.is_grad_enabled()):
-                terms[name] = kd_loss(student_logits, teacher_logits, labels, alpha=term_alpha,
-                                      **kwargs)
+                terms[name] = kd_loss(student_logits, teacher_logits, labels_for[name],
+                                      alpha=term_alpha, **kwargs)
+                if reduction == "mean":
+                    terms[name] = terms[name] / self._rows(student_logits, labels)
             if weight > 0:
                 loss = loss + weight * terms[name]
             terms[name] = terms[name].detach()
         return {"loss": loss, **terms}
+
+    def _rows(self, student_logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """The rows a mean is over (at least 1: no valid row gives a loss of 0, not NaN)."""
+        if labels is None:
+            return torch.tensor(max(student_logits[..., 0].numel(), 1))
+        return (labels != self.ignore_index).sum().clamp(min=1)
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, alpha={self.alpha}"

@@ -200,12 +200,16 @@ def build_student(cfg: StudentConfig, teacher: PreTrainedModel,
     """The student: the chosen layers of `student.model` (a pretrained checkpoint) or, by
     default, of the teacher, with the teacher's labels."""
     if cfg.model is None:
-        return student_from_teacher(teacher, cfg.layer_spec, cfg.dropout)
-    task = task or get_task("classification")
-    labels = task.label_names(teacher.config)
-    with _loading(f"student.model {cfg.model}"):
-        base = task.from_pretrained(cfg.model, labels or None)
-    return student_from_teacher(base, cfg.layer_spec, cfg.dropout)
+        student = student_from_teacher(teacher, cfg.layer_spec, cfg.dropout)
+    else:
+        task = task or get_task("classification")
+        labels = task.label_names(teacher.config)
+        with _loading(f"student.model {cfg.model}"):
+            base = task.from_pretrained(cfg.model, labels or None)
+        student = student_from_teacher(base, cfg.layer_spec, cfg.dropout)
+    if cfg.freeze_embeddings:  # left out of the optimizer (and ZeRO's partitions)
+        student.get_input_embeddings().requires_grad_(False)
+    return student
 
 
 def check_student_model(cfg: StudentConfig, teacher_dir: str | Path) -> None:

@@ -138,6 +138,9 @@ def test_check_compatible_names_each_differing_field(tmp_path):
     assert "data_fingerprint: cache has 'sst2-train-maxlen128-seed0', expected " in msg
     assert f"teacher_sha256: cache has '{'a' * 64}', expected '{'c' * 64}'" in msg
     assert "masking: cache has {'seed': 0, " in msg
+    cache.check_compatible(num_outputs=5)  # masking not given: not checked
+    with pytest.raises(CacheMismatchError, match="masking: cache has .*, expected None"):
+        cache.check_compatible(masking=None)  # data without masks, a cache with them
     assert "num_outputs" not in msg and "kdscale cache" in msg
 
 

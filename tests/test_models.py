@@ -7,9 +7,10 @@ import pytest
 import torch
 from transformers import BertForSequenceClassification
 
-from kdscale.config import ConfigError, TeacherConfig
+from kdscale.config import ConfigError, StudentConfig, TeacherConfig, TrainConfig
 from kdscale.demo import build_demo_tokenizer
 from kdscale.models import (
+    build_student,
     count_parameters,
     load_classifier,
     load_teacher,
@@ -108,6 +109,24 @@ def test_student_is_a_separate_copy(teacher):
     assert weights_sha256(teacher) == before
     assert all(p.data_ptr() not in {q.data_ptr() for q in teacher.parameters()}
                for p in student.parameters())
+
+
+def test_frozen_embeddings_stay_the_teachers_through_training(teacher, tokenizer):
+    from kdscale.train import make_optimizer
+
+    student = build_student(StudentConfig(layers=[0, 2], freeze_embeddings=True), teacher)
+    embedding = student.get_input_embeddings().weight
+    optimizer = make_optimizer(student, TrainConfig(learning_rate=0.1))
+    trained = [p for group in optimizer.param_groups for p in group["params"]]
+    assert len(trained) == len(list(student.parameters())) - 1
+    assert all(p is not embedding for p in trained)
+    before = {name: p.clone() for name, p in student.named_parameters()}
+    student(**inputs(tokenizer), labels=torch.tensor([0, 1])).loss.backward()
+    optimizer.step()
+    changed = {name for name, p in student.named_parameters() if not torch.equal(p, before[name])}
+    assert "bert.embeddings.word_embeddings.weight" not in changed
+    assert "bert.embeddings.position_embeddings.weight" in changed  # only the token matrix
+    assert torch.equal(embedding, teacher.get_input_embeddings().weight)
 
 
 def inputs(tokenizer):

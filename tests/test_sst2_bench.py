@@ -77,6 +77,9 @@ def test_every_model_is_scored_on_the_same_dev_rows(results):
         assert 0.0 <= metrics["accuracy"] <= 1.0, name
         assert metrics["latency_ms"] > 0 and metrics["train_s"] > 0, name
     assert report["device"] and report["train_rows"] == TRAIN_ROWS
+    # The KD students' cache holds the labelled rows and their augmented copies.
+    copies = report["settings"]["experiment"]["data"]["augment"]["copies"]
+    assert copies >= 1 and report["transfer_rows"] == TRAIN_ROWS * (1 + copies)
 
 
 def test_students_have_their_sizes_on_both_sides(results):
@@ -102,7 +105,7 @@ def test_summary_follows_from_the_runs(results):
     assert summary["pipeline_s"] == pytest.approx(
         side["teacher"]["train_s"] + side["cache_s"]
         + sum(s["kd"]["train_s"] for s in summary["students"].values()))
-    assert side["cache_bytes"] >= TRAIN_ROWS * 2 * 2  # two fp16 logits per row, at least
+    assert side["cache_bytes"] >= report["transfer_rows"] * 2 * 2  # two fp16 logits a row
     assert {g["met"] for g in report["summary"]["goals"]} <= {True, False}
 
 

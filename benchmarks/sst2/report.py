@@ -72,7 +72,7 @@ def build(settings: dict, dev_rows: dict, kd_side: dict, base_side: dict | None,
     return {"device": device_name(), "torch_threads": torch.get_num_threads(),
             "cpu_count": os.cpu_count(), "eval_device": "cpu",
             "cuda": torch.cuda.is_available(), "total_s": round(total_s, 1), "dev": dev_rows,
-            "train_rows": kd_side["train_rows"],
+            "train_rows": kd_side["train_rows"], "transfer_rows": kd_side["transfer_rows"],
             "settings": settings, "summary": {"kdscale": kd, "baseline": base,
                                               "goals": goals(settings, kd, base, total_s)},
             "kdscale": kd_side, "baseline": base_side}
@@ -122,11 +122,19 @@ def time_rows(results: dict) -> list[str]:
     return lines
 
 
+def copies_note(results: dict) -> str:
+    copies = results["transfer_rows"] - results["train_rows"]
+    return (f" (+ {copies} augmented copies that the teacher labels, for the KD students; "
+            f"their cache took {results['kdscale']['cache_s']:.0f} s, the hard-label "
+            f"students' {results['kdscale']['control_cache_s']:.0f} s)") if copies else ""
+
+
 def markdown(results: dict) -> str:
     s = results["settings"]
     lines = ["# SST-2: kdscale against the plain recipe", "",
              f"{results['device']} ({results['torch_threads']} threads); "
-             f"{results['train_rows']} training rows, {results['dev']['examples']} dev rows "
+             f"{results['train_rows']} labelled training rows"
+             f"{copies_note(results)}, {results['dev']['examples']} dev rows "
              f"(the same rows for every model); "
              f"student seeds {s['seeds']}; whole benchmark {results['total_s'] / 60:.1f} min.",
              "", "| model | layers | dev accuracy (mean ± std, min-max) | retention | "
@@ -134,8 +142,8 @@ def markdown(results: dict) -> str:
              *model_rows(results), "", "| wall time (s) | kdscale | baseline |", "|---|---|---|",
              *time_rows(results), "",
              f"Cache on disk: {size(results['kdscale']['cache_bytes'])} "
-             f"({results['kdscale']['cache_bytes'] / results['train_rows']:.0f} bytes per "
-             f"training row).", "",
+             f"({results['kdscale']['cache_bytes'] / results['transfer_rows']:.0f} bytes per "
+             f"row).", "",
              "| goal | measured | met |", "|---|---|---|"]
     lines += [f"| {g['goal']} | {g['measured']} | {'yes' if g['met'] else 'no'} |"
               for g in results["summary"]["goals"]]

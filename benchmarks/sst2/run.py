@@ -2,9 +2,10 @@
 
     python -m benchmarks.sst2 --out benchmarks/sst2/results   (settings: bench.yaml)
 
-kdscale side: `kdscale finetune` the teacher, `kdscale cache` once, then each student of
-`students` (built from chosen teacher layers) with KD from the cache and, as the control,
-with hard labels only, for every seed. Baseline side (baseline.py): the same teacher
+kdscale side: `kdscale finetune` the teacher, `kdscale cache` once (the labelled rows and
+their augmented copies, data.augment), then each student of `students` (built from chosen
+teacher layers) with KD from the cache and, as the control, with hard labels only on the
+labelled rows, for every seed. Baseline side (baseline.py): the same teacher
 fine-tune written plainly, then students of the teacher's first K layers with the teacher
 online. Every model is evaluated by one evaluator on the same dev rows. The stages run in
 this process, each timed from its start to its saved model (model loading, tokenization
@@ -41,6 +42,9 @@ from kdscale.models import (
 
 REPO = Path(__file__).resolve().parents[2]
 SETTINGS = Path(__file__).resolve().parent / "bench.yaml"
+# The hard-label students' cache: their data has no copies. With alpha 0 they never use the
+# teacher's logits, but `kdscale distill` checks its cache against its data all the same.
+CONTROL_CACHE = "cache_labelled"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -95,11 +99,12 @@ def merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def kdscale_config(settings: dict, root: Path, run: str, *layers: dict) -> Config:
-    """The experiment with the shared teacher and cache under `root`, a run's own folder."""
+def kdscale_config(settings: dict, root: Path, run: str, *layers: dict,
+                   cache: str = "cache") -> Config:
+    """The experiment with the shared teacher and a cache under `root`, a run's own folder."""
     raw = merge(settings["experiment"], {"output_dir": str(root / run),
                                          "teacher": {"checkpoint": str(root / "teacher")},
-                                         "cache": {"dir": str(root / "cache")}})
+                                         "cache": {"dir": str(root / cache)}})
     for extra in layers:
         raw = merge(raw, extra)
     return config_from_dict(raw)
@@ -137,11 +142,16 @@ def run_kdscale(settings: dict, root: Path) -> tuple[dict, DevSet]:
                                  {"teacher": {"model": settings["teacher_model"]}})
     _, finetune_s = timed(run_finetune, teacher_cfg)
     _, cache_s = timed(run_cache, teacher_cfg)
+    # The hard-label control reads the labelled rows alone: a cache without the copies.
+    _, control_cache_s = timed(run_cache, kdscale_config(settings, root, "finetune",
+                                                         settings["hard"], cache=CONTROL_CACHE))
     dev = DevSet(teacher_cfg)
     teacher = load_classifier(teacher_cfg.teacher_dir, "teacher")
-    manifest = json.loads((root / "cache" / "manifest.json").read_text())
+    count = {name: json.loads((root / name / "manifest.json").read_text())["num_examples"]
+             for name in ("cache", CONTROL_CACHE)}
     out = {"teacher": dev.evaluate(teacher, finetune_s), "cache_s": round(cache_s, 2),
-           "train_rows": manifest["num_examples"], "students": {},
+           "control_cache_s": round(control_cache_s, 2), "train_rows": count[CONTROL_CACHE],
+           "transfer_rows": count["cache"], "students": {},
            "cache_bytes": sum(f.stat().st_size for f in (root / "cache").rglob("*")
                               if f.is_file())}
     for seed in settings["seeds"]:  # seeds outermost: every kind of student early on
@@ -155,7 +165,8 @@ def run_kdscale(settings: dict, root: Path) -> tuple[dict, DevSet]:
 def kdscale_student(settings, root, dev, name, spec, kind, seed) -> dict:
     run = f"{name}-{kind}-seed{seed}"
     config = kdscale_config(settings, root, run, settings[kind],
-                            {"seed": seed, "student": {"layers": spec["kdscale"]}})
+                            {"seed": seed, "student": {"layers": spec["kdscale"]}},
+                            cache=CONTROL_CACHE if kind == "hard" else "cache")
     _, seconds = timed(run_distill, config)
     student = load_classifier(config.student_dir, "student")
     layers = resolve_layers(spec["kdscale"], num_layers_of(config.teacher_dir))

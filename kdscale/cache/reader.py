@@ -33,6 +33,7 @@ _NP_DTYPES = {"F16": np.float16, "F32": np.float32, "BF16": np.uint16, "I32": np
               "I64": np.int64}
 _REBUILD = "rebuild the cache with `kdscale cache`"
 MAX_OPEN_MAPS = 256
+UNCHECKED = object()  # check_compatible: a field the caller does not check
 
 
 class Shards(NamedTuple):
@@ -258,18 +259,22 @@ class LogitCache:
     def check_compatible(self, *, data_fingerprint: str | None = None,
                          teacher_sha256: str | None = None, tokenizer_sha256: str | None = None,
                          num_outputs: int | None = None,
-                         masking: dict[str, Any] | None = None) -> None:
-        """Raises CacheMismatchError naming every given field that differs from the cache."""
+                         masking: dict[str, Any] | None | object = UNCHECKED) -> None:
+        """Raises CacheMismatchError naming every given field that differs from the cache.
+        A field left None is not checked, except `masking`, where None means "no recipe"
+        (data without masks or augmented copies), so a cache that has one is refused."""
         m = self._manifest
         cached = {"data_fingerprint": m.data_fingerprint,
                   "teacher_sha256": m.teacher.get("weights_sha256"),
                   "tokenizer_sha256": m.tokenizer_sha256, "num_outputs": m.num_outputs,
                   "masking": m.masking}
         expected = {"data_fingerprint": data_fingerprint, "teacher_sha256": teacher_sha256,
-                    "tokenizer_sha256": tokenizer_sha256, "num_outputs": num_outputs,
-                    "masking": masking}
+                    "tokenizer_sha256": tokenizer_sha256, "num_outputs": num_outputs}
+        expected = {field: want for field, want in expected.items() if want is not None}
+        if masking is not UNCHECKED:
+            expected["masking"] = masking
         diffs = [f"  {field}: cache has {cached[field]!r}, expected {want!r}"
-                 for field, want in expected.items() if want is not None and cached[field] != want]
+                 for field, want in expected.items() if cached[field] != want]
         if diffs:
             raise CacheMismatchError(
                 f"the logit cache at {self.directory} does not match the data and teacher it is "

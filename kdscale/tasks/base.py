@@ -2,8 +2,9 @@
 
 Every task turns a model's outputs into *label logits*: a tensor shaped like the batch's
 `labels` plus one axis of outputs, so that label logits `[..., V]` and `labels [...]` line
-up entry for entry. An entry whose label is -100 is not a row of the loss. That one idea
-carries every task through the shared machinery:
+up entry for entry. An entry whose label is -100 is not a row of the loss (and one labelled
+-1, an augmented copy, is a row of its soft term only). That one idea carries every task
+through the shared machinery:
 
     task                    labels          label logits     rows of the loss
     classification          [B]             [B, classes]     every example
@@ -40,7 +41,9 @@ class CacheLayout:
     num_outputs: int  # classes, vocabulary, tags, or 2 x max_length positions (QA)
     k: int | None  # slots per top-k row
     per_position: bool  # one row per valid position (masked token, word start)
-    masking: dict | None = None  # the fixed-mask recipe of an MLM cache
+    # The recipe of the data's random draws, which the cache must share with its readers:
+    # an MLM cache's fixed masks, or a classification cache's augmented copies.
+    masking: dict | None = None
 
     def meta(self) -> dict:
         """The manifest fields this layout decides."""
@@ -97,6 +100,12 @@ class Task:
     def prepare(self, config: Config, tokenizer, split: str,
                 label_names: list[str] | None = None) -> TaskData:
         raise NotImplementedError
+
+    def transfer_set(self, config: Config, tokenizer,
+                     label_names: list[str] | None = None) -> TaskData:
+        """What a student is distilled on, and the cache holds: the training split, plus the
+        data.augment copies where the task builds them (classification)."""
+        return self.prepare(config, tokenizer, "train", label_names)
 
     def collator(self, tokenizer):
         return PaddingCollator(tokenizer.pad_token_id)

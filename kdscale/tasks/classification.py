@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict, replace
+
 import torch
 from transformers import AutoModelForSequenceClassification
 
 from kdscale.config import Config
 from kdscale.data import TaskData, prepare
-from kdscale.tasks.base import Task
+from kdscale.tasks.base import CacheLayout, Task
 
 
 class SequenceClassification(Task):
@@ -18,6 +20,17 @@ class SequenceClassification(Task):
     def prepare(self, config: Config, tokenizer, split: str,
                 label_names: list[str] | None = None) -> TaskData:
         return prepare(config.data, tokenizer, split, label_names)
+
+    def transfer_set(self, config: Config, tokenizer,
+                     label_names: list[str] | None = None) -> TaskData:
+        return prepare(config.data, tokenizer, "train", label_names, augment=True)
+
+    def cache_layout(self, config: Config, model_config) -> CacheLayout:
+        layout = super().cache_layout(config, model_config)
+        if not config.data.augment.copies:
+            return layout
+        # Recorded so that a cache of other copies (or none) is refused by name.
+        return replace(layout, masking={"augment": asdict(config.data.augment)})
 
     @torch.inference_mode()
     def metrics(self, model: torch.nn.Module, loader, data: TaskData) -> dict:
