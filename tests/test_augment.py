@@ -13,8 +13,10 @@ from pipeline_helpers import kdscale, write_config
 from transformers import BertTokenizerFast
 
 from kdscale.augment import NO_LABEL, noisy_copy
+from kdscale.cache import CacheMismatchError
 from kdscale.config import ConfigError, config_from_dict
 from kdscale.config_schema import AugmentConfig
+from kdscale.distill import run_distill
 from kdscale.losses import KDLoss
 from kdscale.tasks import get_task
 
@@ -128,11 +130,11 @@ def test_copies_are_cached_once_and_other_copies_refused(quick_demo, tmp_path):
     assert manifest["masking"]["augment"]["copies"] == 2
     assert_copies_hold_the_teachers_logits(config_from_dict(json.loads(path.read_text())),
                                            originals)
-    plain = write_config(tmp_path / "p.yaml", quick_demo, **common)
-    result = kdscale("distill", "--config", str(plain), "--output_dir", str(tmp_path / "p"),
-                     cwd=tmp_path)
-    assert result.returncode == 2
-    assert "masking: cache has {'augment'" in result.stderr
+    # In this process: the refusal comes before any model is trained or file written.
+    plain = json.loads(write_config(tmp_path / "p.yaml", quick_demo, **common).read_text())
+    plain["output_dir"] = str(tmp_path / "p")
+    with pytest.raises(CacheMismatchError, match=r"masking: cache has \{'augment'"):
+        run_distill(config_from_dict(plain))
     assert not (tmp_path / "p").exists()
 
 
