@@ -45,13 +45,12 @@ class KDLoss(torch.nn.Module):
                           "hard": labels.masked_fill(unlabelled, self.ignore_index)}
         kwargs = {"temperature": self.temperature, "ignore_index": self.ignore_index,
                   "reduction": "sum" if reduction == "mean" else reduction, **teacher_topk}
+        rows = self._rows(student_logits, labels) if reduction == "mean" else 1
         terms, loss = {}, 0.0
         for name, term_alpha, weight in (("soft", 1.0, self.alpha), ("hard", 0.0, 1 - self.alpha)):
             with torch.set_grad_enabled(weight > 0 and torch.is_grad_enabled()):
                 terms[name] = kd_loss(student_logits, teacher_logits, labels_for[name],
-                                      alpha=term_alpha, **kwargs)
-                if reduction == "mean":
-                    terms[name] = terms[name] / self._rows(student_logits, labels)
+                                      alpha=term_alpha, **kwargs) / rows
             if weight > 0:
                 loss = loss + weight * terms[name]
             terms[name] = terms[name].detach()
