@@ -28,6 +28,7 @@ from kdscale.models import (
 )
 from kdscale.objective import DistillStep, StudentWithProjections, intermediate_config
 from kdscale.tasks import CacheLayout, Task, get_task
+from kdscale.schedules import Schedule
 from kdscale.teacher import check_teacher_deepspeed_config, load_runner
 from kdscale.timing import print_breakdown
 from kdscale.tracking import log_dir, start_tracking
@@ -35,9 +36,16 @@ from kdscale.train import save_model, train_loop
 from kdscale.validation import PeriodicEval
 
 
+def teacher_source(config: Config) -> str:
+    """Where the teacher's outputs come from: "cache", "online", or "none" for a hard-label
+    run (alpha 0 throughout, no loss beyond logits), which reads no teacher output at all."""
+    soft = Schedule.from_value(config.loss.alpha).bounds()[1] > 0
+    return config.teacher.source if soft or intermediate_config(config.loss).enabled else "none"
+
+
 def open_caches(config: Config, task: Task) -> list[LogitCache]:
-    """The caches the student reads: none (online teacher), one, or an ensemble."""
-    if config.teacher.source == "online":
+    """The caches the student reads: none (online teacher, hard labels), one, or an ensemble."""
+    if teacher_source(config) != "cache":
         return []
     if not config.cache.ensemble:
         cache = LogitCache(config.cache_dir)
@@ -74,7 +82,7 @@ def run_distill(config: Config) -> None:
     check_student_model(config.student, config.teacher_dir)
     if not config.student.model:
         resolve_layers(config.student.layer_spec, num_layers_of(config.teacher_dir))
-    online = config.teacher.source == "online"
+    online = teacher_source(config) == "online"
     if online:
         check_teacher_deepspeed_config(config.teacher)
     task = get_task(config.task)
@@ -105,7 +113,8 @@ def run_distill(config: Config) -> None:
     start_tracking(accelerator, "distill", to_dict(config))
     loader = train_loader(config, task, train, tokenizer, caches, accelerator.num_processes)
     source = (f"{len(caches)} caches averaged" if len(caches) > 1 else "the cache" if caches
-              else f"an online {runner.placement} runner")
+              else f"an online {runner.placement} runner" if runner
+              else "nowhere (loss.alpha is 0: hard labels only)")
     accelerator.print(f"student: {describe_student(config.student)}, teacher from {source}")
     submodule = "student" if extra.enabled else None
     evaluator = periodic_eval(config, task, accelerator, tokenizer, labels, submodule)

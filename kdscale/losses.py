@@ -38,6 +38,8 @@ class KDLoss(torch.nn.Module):
         A row labelled NO_LABEL (an augmented copy, labelled by the teacher only) is a row of
         the soft term and not of the hard one; a mean is still over all rows, so each row
         weighs the same: (alpha * T^2 * sum KL + (1 - alpha) * sum of the labelled CE) / rows."""
+        if teacher_logits is None and not teacher_topk:
+            return self._hard_only(student_logits, labels, reduction)
         labels_for = {"soft": labels, "hard": labels}
         if labels is not None:
             unlabelled = labels == NO_LABEL
@@ -55,6 +57,20 @@ class KDLoss(torch.nn.Module):
                 loss = loss + weight * terms[name]
             terms[name] = terms[name].detach()
         return {"loss": loss, **terms}
+
+    def _hard_only(self, student_logits: torch.Tensor, labels: torch.Tensor | None,
+                   reduction: str) -> dict[str, torch.Tensor]:
+        """No teacher output (a hard-label run): CE alone, which needs alpha 0 and labels."""
+        if self.alpha != 0 or labels is None:
+            raise ValueError(f"a loss with no teacher output needs alpha 0 and labels, got "
+                             f"alpha {self.alpha} and {'no ' if labels is None else ''}labels")
+        rows = self._rows(student_logits, labels) if reduction == "mean" else 1
+        flat = labels.masked_fill(labels == NO_LABEL, self.ignore_index).reshape(-1)
+        hard = torch.nn.functional.cross_entropy(
+            student_logits.reshape(flat.numel(), -1).float(), flat.to(student_logits.device),
+            ignore_index=self.ignore_index, reduction="none" if reduction == "none" else "sum")
+        hard = hard.reshape(student_logits.shape[:-1]) if reduction == "none" else hard / rows
+        return {"loss": hard, "soft": torch.zeros_like(hard).detach(), "hard": hard.detach()}
 
     def _rows(self, student_logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         """The rows a mean is over (at least 1: no valid row gives a loss of 0, not NaN)."""

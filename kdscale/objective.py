@@ -91,7 +91,9 @@ class DistillStep:
             mixed = ensemble_logits(batch["teacher_logits_ensemble"].float(), self.weights,
                                     self.temperature.value(self.step_index, self.total_steps))
             return {"teacher_logits": mixed}
-        return self.task.cached_teacher(batch)
+        if any(key.startswith("teacher_") for key in batch):
+            return self.task.cached_teacher(batch)
+        return {}  # a hard-label run: KDLoss.parts computes the hard term alone
 
     def _add_intermediate(self, model, parts, student, teacher, batch) -> dict:
         losses = _unwrap(model).intermediate

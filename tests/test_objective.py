@@ -1,4 +1,5 @@
-"""Several teachers averaged in probability space, at the distillation temperature."""
+"""The distillation objective: several teachers averaged in probability space, at the
+distillation temperature; a hard-label run with no teacher output."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 from pipeline_helpers import kdscale, write_config
 
+from kdscale.losses import KDLoss
 from kdscale.objective import ensemble_logits
 
 
@@ -43,3 +45,33 @@ def test_an_ensemble_of_one_teacher_twice_distills_like_that_teacher(quick_demo,
     assert "2 caches averaged" in result.stdout
     for single, ensemble in zip(*histories, strict=True):
         assert ensemble["loss"] == pytest.approx(single["loss"], rel=1e-5)
+
+
+def test_a_hard_label_loss_needs_no_teacher_output():
+    gen = torch.Generator().manual_seed(2)
+    student = torch.randn(6, 3, generator=gen, requires_grad=True)
+    labels = torch.tensor([0, 2, -100, 1, 1, 0])
+    loss = KDLoss(temperature=2.0, alpha=0.0)
+    alone = loss.parts(student, labels=labels)
+    with_teacher = loss.parts(student, torch.randn(6, 3, generator=gen), labels=labels)
+    torch.testing.assert_close(alone["loss"], with_teacher["loss"])
+    assert alone["soft"] == 0
+    grad_alone, = torch.autograd.grad(alone["loss"], student)
+    grad_teacher, = torch.autograd.grad(with_teacher["loss"], student)
+    torch.testing.assert_close(grad_alone, grad_teacher)
+    with pytest.raises(ValueError, match="alpha 0.5"):
+        KDLoss(alpha=0.5).parts(student, labels=labels)
+
+
+def test_a_hard_label_run_reads_no_cache(quick_demo, tmp_path):
+    config = write_config(tmp_path / "c.yaml", quick_demo, output_dir=str(tmp_path / "run"),
+                          teacher={"checkpoint": str(quick_demo / "teacher")},
+                          cache={"dir": str(tmp_path / "no-cache-here")}, loss={"alpha": 0.0},
+                          distill={"max_steps": 3, "log_every": 1})
+    result = kdscale("distill", "--config", str(config), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "hard labels only" in result.stdout
+    history = json.loads((tmp_path / "run" / "student" / "training_log.json").read_text())
+    assert len(history) == 3
+    assert all(row["soft"] == 0 and row["hard"] == row["loss"] > 0 for row in history)
+    assert not (tmp_path / "no-cache-here").exists()

@@ -41,7 +41,8 @@ def optimizer_and_schedule(model, lr: float, steps: int):
 
 
 def train(model, data, hp: dict, seed: int, loss_fn) -> torch.nn.Module:
-    """`hp["epochs"]` epochs of AdamW over shuffled batches; loss_fn(model, batch) -> loss."""
+    """`hp["epochs"]` epochs of AdamW over shuffled batches; loss_fn(model, batch) -> loss,
+    under bf16 autocast when `hp["precision"]` is bf16 (the teacher's forward pass too)."""
     torch.manual_seed(seed)
     loader = torch.utils.data.DataLoader(data, batch_size=hp["batch_size"], shuffle=True)
     optimizer, schedule = optimizer_and_schedule(model, hp["learning_rate"],
@@ -49,7 +50,8 @@ def train(model, data, hp: dict, seed: int, loss_fn) -> torch.nn.Module:
     model.to(DEVICE).train()
     for _ in range(hp["epochs"]):
         for batch in loader:
-            loss = loss_fn(model, {k: v.to(DEVICE) for k, v in batch.items()})
+            with torch.autocast(DEVICE.type, torch.bfloat16, enabled=hp["precision"] == "bf16"):
+                loss = loss_fn(model, {k: v.to(DEVICE) for k, v in batch.items()})
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()

@@ -125,14 +125,14 @@ def time_rows(results: dict) -> list[str]:
 def copies_note(results: dict) -> str:
     copies = results["transfer_rows"] - results["train_rows"]
     return (f" (+ {copies} augmented copies that the teacher labels, for the KD students; "
-            f"their cache took {results['kdscale']['cache_s']:.0f} s, the hard-label "
-            f"students' {results['kdscale']['control_cache_s']:.0f} s)") if copies else ""
+            f"the hard-label students read the labelled rows alone)") if copies else ""
 
 
 def markdown(results: dict) -> str:
     s = results["settings"]
     lines = ["# SST-2: kdscale against the plain recipe", "",
-             f"{results['device']} ({results['torch_threads']} threads); "
+             f"{results['device']} ({results['torch_threads']} threads), {s['precision']} "
+             f"training on both sides (evaluation in fp32); "
              f"{results['train_rows']} labelled training rows"
              f"{copies_note(results)}, {results['dev']['examples']} dev rows "
              f"(the same rows for every model); "

@@ -5,7 +5,7 @@
 kdscale side: `kdscale finetune` the teacher, `kdscale cache` once (the labelled rows and
 their augmented copies, data.augment), then each student of `students` (built from chosen
 teacher layers) with KD from the cache and, as the control, with hard labels only on the
-labelled rows, for every seed. Baseline side (baseline.py): the same teacher
+labelled rows (a run that reads no teacher output), for every seed. Baseline side (baseline.py): the same teacher
 fine-tune written plainly, then students of the teacher's first K layers with the teacher
 online. Every model is evaluated by one evaluator on the same dev rows. The stages run in
 this process, each timed from its start to its saved model (model loading, tokenization
@@ -42,9 +42,6 @@ from kdscale.models import (
 
 REPO = Path(__file__).resolve().parents[2]
 SETTINGS = Path(__file__).resolve().parent / "bench.yaml"
-# The hard-label students' cache: their data has no copies. With alpha 0 they never use the
-# teacher's logits, but `kdscale distill` checks its cache against its data all the same.
-CONTROL_CACHE = "cache_labelled"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -85,10 +82,24 @@ def load_settings(args: argparse.Namespace) -> dict:
     data["max_eval_examples"] = args.max_eval_examples
     if args.latency_batches:
         settings["experiment"]["eval"]["latency_batches"] = args.latency_batches
+    apply_precision(settings)
     for key in ("train_file", "eval_file"):  # relative to the repository, from any cwd
         data[key] = str((REPO / data[key]).resolve())
     settings["teacher_model"] = args.teacher_model or minilm_dir()
     return settings
+
+
+def apply_precision(settings: dict) -> None:
+    """`precision` for both sides' training and teacher inference: kdscale's config keys and
+    the baseline's autocast. Every model is evaluated in fp32 all the same."""
+    precision = settings["precision"]
+    if precision not in ("fp32", "bf16"):
+        raise SystemExit(f"{SETTINGS.name}: precision must be fp32 or bf16, got {precision!r}")
+    experiment = settings["experiment"]
+    experiment.setdefault("teacher", {})["precision"] = precision
+    for stage in ("finetune", "distill"):
+        experiment[stage]["mixed_precision"] = "no" if precision == "fp32" else precision
+        settings["baseline"][stage]["precision"] = precision
 
 
 def merge(base: dict, extra: dict) -> dict:
@@ -99,12 +110,11 @@ def merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def kdscale_config(settings: dict, root: Path, run: str, *layers: dict,
-                   cache: str = "cache") -> Config:
+def kdscale_config(settings: dict, root: Path, run: str, *layers: dict) -> Config:
     """The experiment with the shared teacher and a cache under `root`, a run's own folder."""
     raw = merge(settings["experiment"], {"output_dir": str(root / run),
                                          "teacher": {"checkpoint": str(root / "teacher")},
-                                         "cache": {"dir": str(root / cache)}})
+                                         "cache": {"dir": str(root / "cache")}})
     for extra in layers:
         raw = merge(raw, extra)
     return config_from_dict(raw)
@@ -131,6 +141,13 @@ class DevSet:
         return {**extra, **metrics, "train_s": round(seconds, 2)}
 
 
+def labelled_rows(config: Config) -> int:
+    """The training rows `kdscale finetune` read: the transfer set less its copies."""
+    tokenizer = load_tokenizer(config.teacher_dir)
+    labels = label_names(load_classifier(config.teacher_dir, "teacher"))
+    return len(prepare(config.data, tokenizer, "train", labels).dataset)
+
+
 def timed(fn, *args):
     start = time.perf_counter()
     result = fn(*args)
@@ -142,16 +159,12 @@ def run_kdscale(settings: dict, root: Path) -> tuple[dict, DevSet]:
                                  {"teacher": {"model": settings["teacher_model"]}})
     _, finetune_s = timed(run_finetune, teacher_cfg)
     _, cache_s = timed(run_cache, teacher_cfg)
-    # The hard-label control reads the labelled rows alone: a cache without the copies.
-    _, control_cache_s = timed(run_cache, kdscale_config(settings, root, "finetune",
-                                                         settings["hard"], cache=CONTROL_CACHE))
     dev = DevSet(teacher_cfg)
     teacher = load_classifier(teacher_cfg.teacher_dir, "teacher")
-    count = {name: json.loads((root / name / "manifest.json").read_text())["num_examples"]
-             for name in ("cache", CONTROL_CACHE)}
+    transfer_rows = json.loads((root / "cache" / "manifest.json").read_text())["num_examples"]
     out = {"teacher": dev.evaluate(teacher, finetune_s), "cache_s": round(cache_s, 2),
-           "control_cache_s": round(control_cache_s, 2), "train_rows": count[CONTROL_CACHE],
-           "transfer_rows": count["cache"], "students": {},
+           "train_rows": labelled_rows(teacher_cfg),
+           "transfer_rows": transfer_rows, "students": {},
            "cache_bytes": sum(f.stat().st_size for f in (root / "cache").rglob("*")
                               if f.is_file())}
     for seed in settings["seeds"]:  # seeds outermost: every kind of student early on
@@ -165,8 +178,7 @@ def run_kdscale(settings: dict, root: Path) -> tuple[dict, DevSet]:
 def kdscale_student(settings, root, dev, name, spec, kind, seed) -> dict:
     run = f"{name}-{kind}-seed{seed}"
     config = kdscale_config(settings, root, run, settings[kind],
-                            {"seed": seed, "student": {"layers": spec["kdscale"]}},
-                            cache=CONTROL_CACHE if kind == "hard" else "cache")
+                            {"seed": seed, "student": {"layers": spec["kdscale"]}})
     _, seconds = timed(run_distill, config)
     student = load_classifier(config.student_dir, "student")
     layers = resolve_layers(spec["kdscale"], num_layers_of(config.teacher_dir))
