@@ -126,7 +126,14 @@ def _prune(root: Path, keep: int) -> None:
 def load_checkpoint(accelerator: Accelerator, path: Path) -> tuple[Progress, list[dict]]:
     state = read_state(path)
     check_pickles(path)
-    accelerator.load_state(str(path))
+    try:
+        accelerator.load_state(str(path))
+    except (ValueError, RuntimeError, KeyError) as err:  # torch's load_state_dict mismatches
+        raise ResumeError(f"checkpoint {path} does not fit this run's model or optimizer: it was "
+                          f"written with other trainable parameters (student.layers, "
+                          f"student.freeze_embeddings, the losses' projections, ...). Resume "
+                          f"with the settings that wrote it, or use another output_dir "
+                          f"({type(err).__name__}: {str(err)[:200]})") from err
     return Progress(**state["progress"]), state["history"]
 
 

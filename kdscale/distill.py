@@ -27,8 +27,8 @@ from kdscale.models import (
     tokenizer_sha256,
 )
 from kdscale.objective import DistillStep, StudentWithProjections, intermediate_config
-from kdscale.tasks import CacheLayout, Task, get_task
 from kdscale.schedules import Schedule
+from kdscale.tasks import CacheLayout, Task, get_task
 from kdscale.teacher import check_teacher_deepspeed_config, load_runner
 from kdscale.timing import print_breakdown
 from kdscale.tracking import log_dir, start_tracking

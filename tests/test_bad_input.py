@@ -225,6 +225,9 @@ CASES = {
     "accumulation change on resume": Case("distill", checkpoint(
         lambda run: None, gradient_accumulation_steps=2),
         "distill.gradient_accumulation_steps: expected 1, as checkpoint"),
+    "other trainable parameters on resume": Case("distill", lambda p, tmp: (
+        {"student": {"freeze_embeddings": True}, "distill": {"max_steps": 3}}, []),
+        "does not fit this run's model or optimizer"),
     "damaged checkpoint state": Case("distill", checkpoint(damaged_state),
                                      "trainer_state.json is missing or damaged"),
 }

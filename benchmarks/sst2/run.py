@@ -5,11 +5,12 @@
 kdscale side: `kdscale finetune` the teacher, `kdscale cache` once (the labelled rows and
 their augmented copies, data.augment), then each student of `students` (built from chosen
 teacher layers) with KD from the cache and, as the control, with hard labels only on the
-labelled rows (a run that reads no teacher output), for every seed. Baseline side (baseline.py): the same teacher
-fine-tune written plainly, then students of the teacher's first K layers with the teacher
-online. Every model is evaluated by one evaluator on the same dev rows. The stages run in
-this process, each timed from its start to its saved model (model loading, tokenization
-and training included); report.py writes the JSON, report.md and the plot.
+labelled rows (a run that reads no teacher output), for every seed. Baseline side
+(baseline.py): the same teacher fine-tune written plainly, then students of the teacher's
+first K layers with the teacher online. Both sides train in bench.yaml's `precision`.
+Every model is evaluated by one evaluator on the same dev rows. The stages run in this
+process, each timed from its start to its saved model (model loading, tokenization and
+training included); report.py writes the JSON, report.md and the plot.
 """
 
 from __future__ import annotations
@@ -177,7 +178,7 @@ def run_kdscale(settings: dict, root: Path) -> tuple[dict, DevSet]:
 
 def kdscale_student(settings, root, dev, name, spec, kind, seed) -> dict:
     run = f"{name}-{kind}-seed{seed}"
-    config = kdscale_config(settings, root, run, settings[kind],
+    config = kdscale_config(settings, root, run, settings[kind], spec.get(kind, {}),
                             {"seed": seed, "student": {"layers": spec["kdscale"]}})
     _, seconds = timed(run_distill, config)
     student = load_classifier(config.student_dir, "student")
