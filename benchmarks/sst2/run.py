@@ -86,8 +86,8 @@ def load_settings(args: argparse.Namespace) -> dict:
     if args.latency_batches:
         settings["experiment"]["eval"]["latency_batches"] = args.latency_batches
     apply_precision(settings)
-    for key in ("train_file", "eval_file"):  # relative to the repository, from any cwd
-        data[key] = str((REPO / data[key]).resolve())
+    for key in ("train_file", "eval_file"):  # relative to the repository, from any cwd;
+        data[key] = os.path.abspath(REPO / data[key])  # a linked ../shared stays ../shared
     settings["teacher_model"] = args.teacher_model or minilm_dir()
     settings["teacher_from_package"] = not args.teacher_model
     return settings
