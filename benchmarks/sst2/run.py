@@ -128,9 +128,9 @@ class DevSet:
     """One evaluator for every model: the same dev rows, batches and timing batch."""
 
     def __init__(self, config: Config):
-        tokenizer = load_tokenizer(config.teacher_dir)
-        labels = label_names(load_classifier(config.teacher_dir, "teacher"))
-        data = prepare(config.data, tokenizer, "eval", labels)
+        self.tokenizer = tokenizer = load_tokenizer(config.teacher_dir)
+        self.labels = label_names(load_classifier(config.teacher_dir, "teacher"))
+        data = prepare(config.data, tokenizer, "eval", self.labels)
         self.loader = make_loader(data, config.eval.batch_size,
                                   PaddingCollator(tokenizer.pad_token_id), shuffle=False)
         self.timing_batch = median_length_batch(self.loader)
@@ -145,11 +145,9 @@ class DevSet:
         return {**extra, **metrics, "train_s": round(seconds, 2)}
 
 
-def labelled_rows(config: Config) -> int:
+def labelled_rows(config: Config, dev: DevSet) -> int:
     """The training rows `kdscale finetune` read: the transfer set less its copies."""
-    tokenizer = load_tokenizer(config.teacher_dir)
-    labels = label_names(load_classifier(config.teacher_dir, "teacher"))
-    return len(prepare(config.data, tokenizer, "train", labels).dataset)
+    return len(prepare(config.data, dev.tokenizer, "train", dev.labels).dataset)
 
 
 def timed(fn, *args):
@@ -167,7 +165,7 @@ def run_kdscale(settings: dict, root: Path) -> tuple[dict, DevSet]:
     teacher = load_classifier(teacher_cfg.teacher_dir, "teacher")
     transfer_rows = json.loads((root / "cache" / "manifest.json").read_text())["num_examples"]
     out = {"teacher": dev.evaluate(teacher, finetune_s), "cache_s": round(cache_s, 2),
-           "train_rows": labelled_rows(teacher_cfg),
+           "train_rows": labelled_rows(teacher_cfg, dev),
            "transfer_rows": transfer_rows, "students": {},
            "cache_bytes": sum(f.stat().st_size for f in (root / "cache").rglob("*")
                               if f.is_file())}
