@@ -14,7 +14,7 @@ from kdscale.distributed import (
     process_state,
     uses_deepspeed,
 )
-from kdscale.intermediate import IntermediateLosses
+from kdscale.intermediate import IntermediateLosses, intermediate_config
 from kdscale.models import (
     build_student,
     check_inputs_fit,
@@ -26,21 +26,13 @@ from kdscale.models import (
     resolve_layers,
     tokenizer_sha256,
 )
-from kdscale.objective import DistillStep, StudentWithProjections, intermediate_config
-from kdscale.schedules import Schedule
+from kdscale.objective import DistillStep, StudentWithProjections
 from kdscale.tasks import CacheLayout, Task, get_task
-from kdscale.teacher import check_teacher_deepspeed_config, load_runner
+from kdscale.teacher import check_teacher_deepspeed_config, load_runner, teacher_source
 from kdscale.timing import print_breakdown
 from kdscale.tracking import log_dir, start_tracking
 from kdscale.train import save_model, train_loop
 from kdscale.validation import PeriodicEval
-
-
-def teacher_source(config: Config) -> str:
-    """Where the teacher's outputs come from: "cache", "online", or "none" for a hard-label
-    run (alpha 0 throughout, no loss beyond logits), which reads no teacher output at all."""
-    soft = Schedule.from_value(config.loss.alpha).bounds()[1] > 0
-    return config.teacher.source if soft or intermediate_config(config.loss).enabled else "none"
 
 
 def open_caches(config: Config, task: Task) -> list[LogitCache]:

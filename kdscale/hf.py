@@ -38,8 +38,8 @@ from kdscale.hf_setup import (
     teacher_config_of,
     with_example_ids,
 )
-from kdscale.intermediate import IntermediateLosses
-from kdscale.objective import DistillStep, StudentWithProjections, intermediate_config
+from kdscale.intermediate import IntermediateLosses, intermediate_config
+from kdscale.objective import DistillStep, StudentWithProjections
 from kdscale.timing import StepTimer
 from kdscale.train import IGNORE_INDEX, model_inputs, valid_rows
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from kdscale.config import LossConfig
 from kdscale.errors import KdscaleError
 
 # Student attention probabilities are clamped here before the log: a student probability that
@@ -181,6 +182,11 @@ class IntermediateConfig:
     @property
     def enabled(self) -> bool:
         return any(getattr(self, name) > 0 for name in WEIGHTS)
+
+
+def intermediate_config(loss: LossConfig) -> IntermediateConfig:
+    return IntermediateConfig(hidden_mse=loss.hidden_mse, hidden_cosine=loss.hidden_cosine,
+                              attention_kl=loss.attention_kl, layer_map=loss.layer_map)
 
 
 class IntermediateLosses(nn.Module):

@@ -15,7 +15,7 @@ from kdscale.memory_model import (
 )
 from kdscale.model_sizes import ModelSizes
 from kdscale.tasks import get_task
-from kdscale.teacher import DEEPSPEED_CONFIGS, choose_placement
+from kdscale.teacher import DEEPSPEED_CONFIGS, choose_placement, teacher_source
 
 GiB = 1024**3
 _CACHE_DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
@@ -29,9 +29,18 @@ def teacher_dtype(config: Config, mixed_precision: str) -> str:
     return "bf16" if mixed_precision == "bf16" else "fp32"
 
 
+# Where the teacher runs, by where distill reads its outputs from (teacher_source).
+RUNS_IN = {"cache": "cache", "online": "cache and distill",
+           "none": "no stage (a hard-label run: loss.alpha 0, no loss beyond logits; "
+                   "its layers only build the student)"}
+CACHE_UNREAD = {"online": "not read: the teacher runs online (teacher.source online)",
+                "none": "not read: a hard-label run reads no teacher output"}
+
+
 def teacher_estimate(config: Config, launch, sizes: ModelSizes,
                      device_memory: float | None) -> dict:
     dtype = teacher_dtype(config, launch.mixed_precision)
+    source = teacher_source(config)
     weights = sizes.teacher_params * DTYPE_BYTES[dtype]
     requested = config.teacher.placement
     if requested == "auto" and device_memory is None:
@@ -46,7 +55,7 @@ def teacher_estimate(config: Config, launch, sizes: ModelSizes,
                   for name in ("replicate", "zero3", "zero3_offload")}
     return {"placement": placement, "why": why, "dtype": dtype, "weights": weights,
             "deepspeed": _teacher_deepspeed(config, placement),
-            "runs_in": "cache" if config.teacher.source == "cache" else "cache and distill",
+            "source": source, "runs_in": RUNS_IN[source],
             "weights_per_device": per_device}
 
 
@@ -61,21 +70,25 @@ def _teacher_deepspeed(config: Config, placement: str) -> str:
 
 def cache_estimate(config: Config, sizes: ModelSizes) -> dict:
     directory = config.cache_dir
+    source = teacher_source(config)
+    if source != "cache":
+        return {"dir": str(directory), "read": False, "why": CACHE_UNREAD[source]}
     try:
         manifest = read_manifest(directory)
     except (CacheError, FileNotFoundError, OSError):
         manifest = None
     if manifest is not None:
         on_disk = sum(p.stat().st_size for p in directory.iterdir() if p.is_file())
-        return {"dir": str(directory), "written": True, "examples": manifest.num_examples,
-                "kind": manifest.kind, "dtype": manifest.dtype, "bytes": on_disk}
+        return {"dir": str(directory), "read": True, "written": True,
+                "examples": manifest.num_examples, "kind": manifest.kind,
+                "dtype": manifest.dtype, "bytes": on_disk}
     examples = config.data.max_train_examples or count_rows(config.data.train_file)
     if examples:  # an augmented copy is an example of its own
         examples *= 1 + config.data.augment.copies
     row = bytes_per_row(config, sizes) * rows_per_example(config)
     kind = "topk per position" if get_task(config.task).per_position else \
         "dense" if config.task == "question-answering" else config.cache.kind
-    return {"dir": str(directory), "written": False, "examples": examples,
+    return {"dir": str(directory), "read": True, "written": False, "examples": examples,
             "kind": kind, "dtype": config.cache.dtype, "bytes_per_row": row,
             "bytes": row * examples if examples else None}
 
@@ -130,6 +143,6 @@ def memory_estimate(config: Config, launch, sizes: ModelSizes, zero: dict,
     placement = teacher["placement"]
     per_device = teacher["weights_per_device"]
     teacher_bytes = per_device.get(placement, per_device["replicate"])
-    online = teacher_bytes if config.teacher.source == "online" else 0.0
+    online = teacher_bytes if teacher["source"] == "online" else 0.0
     return {"student": student, "teacher_while_caching": teacher_bytes,
             "distill_total": sum(student.values()) + online}

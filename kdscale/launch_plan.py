@@ -134,6 +134,9 @@ def _gib(value: float | None) -> str:
         return f"{value / 1024**3:.2f} GiB"
     return f"{value / 1024**2:.1f} MiB"
 
+DISTILL_TOTAL = {"cache": " (student; the teacher is read from the cache)",
+                 "online": " (student + online teacher)", "none": " (student; hard labels)"}
+
 
 def describe_plan(plan: Plan, config: Config) -> str:
     launch, sizes, teacher = plan.launch, plan.sizes, plan.teacher
@@ -166,12 +169,13 @@ def describe_plan(plan: Plan, config: Config) -> str:
     lines.append(f"  teacher weights     {_gib(per_device['replicate'])} replicated, "
                  f"{_gib(per_device['zero3'])} as a 1/{launch.world_size} ZeRO-3 shard")
     lines.append(f"  distill total       {_gib(plan.memory['distill_total'])}"
-                 + (" (student + online teacher)" if config.teacher.source == "online"
-                    else " (student; the teacher is read from the cache)"))
+                 + DISTILL_TOTAL[teacher["source"]])
     return "\n".join(lines)
 
 
 def _cache_line(cache: dict) -> str:
+    if not cache["read"]:
+        return f"cache         {cache['dir']}: {cache['why']}"
     if cache["written"]:
         return (f"cache         {cache['dir']}: written, {cache['examples']:,} examples, "
                 f"{cache['kind']} {cache['dtype']}, {_gib(cache['bytes'])} on disk")

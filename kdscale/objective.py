@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from kdscale.config import LossConfig
-from kdscale.intermediate import IntermediateConfig, IntermediateLosses
+from kdscale.intermediate import IntermediateLosses, intermediate_config
 from kdscale.losses import KDLoss
 from kdscale.schedules import Schedule
 from kdscale.tasks import Task, get_task
@@ -27,11 +27,6 @@ class StudentWithProjections(nn.Module):
 
     def forward(self, **inputs):
         return self.student(**inputs)
-
-
-def intermediate_config(loss: LossConfig) -> IntermediateConfig:
-    return IntermediateConfig(hidden_mse=loss.hidden_mse, hidden_cosine=loss.hidden_cosine,
-                              attention_kl=loss.attention_kl, layer_map=loss.layer_map)
 
 
 def ensemble_logits(logits: torch.Tensor, weights: list[float] | None,

@@ -21,6 +21,8 @@ from transformers import AutoConfig, AutoModelForSequenceClassification
 from kdscale import configs
 from kdscale.config import Config, ConfigError, TeacherConfig
 from kdscale.distributed import free_port
+from kdscale.intermediate import intermediate_config
+from kdscale.schedules import Schedule
 from kdscale.tasks import get_task
 
 DEEPSPEED_CONFIGS = {"zero3": "deepspeed/teacher_zero3.json",
@@ -34,6 +36,13 @@ GiB = 1024**3
 class Placement:
     name: str  # replicate | zero3 | zero3_offload
     reason: str
+
+
+def teacher_source(config: Config) -> str:
+    """Where the teacher's outputs come from: "cache", "online", or "none" for a hard-label
+    run (alpha 0 throughout, no loss beyond logits), which reads no teacher output at all."""
+    soft = Schedule.from_value(config.loss.alpha).bounds()[1] > 0
+    return config.teacher.source if soft or intermediate_config(config.loss).enabled else "none"
 
 
 def compute_dtype(precision: str) -> torch.dtype:

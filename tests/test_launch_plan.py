@@ -81,6 +81,27 @@ def test_a_small_device_gets_a_sharded_teacher(bert_large, capsys, monkeypatch):
         plan["teacher"]["weights"] / 8)
 
 
+
+@pytest.mark.parametrize("source, overrides", [("cache", []),
+                                               ("online", ["--teacher.source", "online"]),
+                                               ("none", ["--loss.alpha", "0"])])
+def test_the_plan_reads_the_cache_only_when_distill_does(source, overrides, bert_large, capsys,
+                                                         monkeypatch):
+    """A hard-label run (alpha 0) and an online teacher read no cache; only an online
+    teacher's weights sit beside the student while distilling."""
+    monkeypatch.chdir(REPO)
+    common = ["--teacher.model", str(bert_large), "--device_memory_gib", "80", *overrides]
+    plan = plan_of(capsys, *common)
+    assert plan["teacher"]["source"] == source
+    assert plan["cache"]["read"] == (source == "cache")
+    student = sum(plan["memory"]["student"].values())
+    teacher = plan["teacher"]["weights_per_device"]["replicate"]
+    assert plan["memory"]["distill_total"] == student + (teacher if source == "online" else 0)
+    assert main(["env", "--config", "configs/sst2_bert_large.yaml", *common]) == 0
+    cache_line = next(line for line in capsys.readouterr().out.splitlines()
+                      if line.startswith("cache "))
+    assert ("not read" in cache_line) == (source != "cache")
+
 def test_an_existing_cache_is_measured(quick_demo, capsys):
     plan = plan_of(capsys, "--teacher.checkpoint", str(quick_demo / "teacher"),
                    "--teacher.model", "null", "--student.layers", "first:2",
