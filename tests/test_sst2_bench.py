@@ -14,6 +14,9 @@ import pytest
 from tokenizers import BertWordPieceTokenizer, processors
 from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
 
+from benchmarks.sst2 import report as sst2_report
+from benchmarks.sst2 import run as sst2_run
+
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO.parent / "shared" / "data" / "sst2" / "train.tsv"
 TRAIN_ROWS, DEV_ROWS = 128, 48
@@ -43,18 +46,30 @@ def tiny_pretrained_bert(directory: Path) -> Path:
     return directory
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("sst2")
-    teacher = tiny_pretrained_bert(root / "pretrained")
-    command = [sys.executable, "-m", "benchmarks.sst2", "--out", str(root / "out"), "--work",
-               str(root / "work"), "--teacher_model", str(teacher), "--max_train_examples",
-               str(TRAIN_ROWS), "--max_eval_examples", str(DEV_ROWS), "--seeds", "1", "2",
-               "--latency_batches", "2"]
+def bench_args(root: Path, out: str, *extra: str) -> list[str]:
+    return ["--out", str(root / out), "--work", str(root / "work"), "--teacher_model",
+            str(root / "pretrained"), "--max_train_examples", str(TRAIN_ROWS),
+            "--max_eval_examples", str(DEV_ROWS), "--seeds", "1", "2", "--latency_batches", "2",
+            *extra]
+
+
+def run_bench(args: list[str]) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "benchmarks.sst2", *args], cwd=REPO, env=env,
+                            capture_output=True, text=True,
                             timeout=900)  # a safety net on a busy machine, not a limit
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> Path:
+    """The benchmark in two parts, as a long run can be made: the kdscale side, then the
+    baseline against its results. `results` holds both sides, as one run's would."""
+    root = tmp_path_factory.mktemp("sst2")
+    tiny_pretrained_bert(root / "pretrained")
+    run_bench(bench_args(root, "kdscale_side", "--skip_baseline"))
+    run_bench(bench_args(root, "out", "--kdscale_from", str(root / "kdscale_side" /
+                                                               "results.json")))
     return root / "out"
 
 
@@ -123,3 +138,33 @@ def test_report_and_plot_are_written(results):
                 "baseline 2-layer KD", "**pipeline**"):
         assert row in text
     assert (results / "sst2_bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_kdscale_only_full_size_report_claims_no_baseline_or_time_goal(results):
+    """`--full --skip_baseline`: the goals left are the students' own; the 45-minute goal
+    belongs to the 2-core subset."""
+    raw = json.loads((results / "results.json").read_text())
+    settings = {**raw["settings"], "max_train_examples": None}
+    rebuilt = sst2_report.build(settings, raw["dev"], raw["kdscale"], None, total_s=7200.0)
+    goals = [g["goal"] for g in rebuilt["summary"]["goals"]]
+    assert len(goals) == 2 * len(settings["students"])
+    assert not any("baseline" in g or "minutes" in g for g in goals)
+    text = sst2_report.markdown(rebuilt)
+    assert "(no baseline in this run)" in text and "baseline teacher" not in text
+
+
+def test_the_second_part_adds_the_baseline_to_the_first_parts_results(results):
+    first = json.loads((results.parent / "kdscale_side" / "results.json").read_text())
+    both = json.loads((results / "results.json").read_text())
+    assert first["baseline"] is None and both["baseline"]["teacher"]["accuracy"] > 0
+    assert both["kdscale"] == first["kdscale"]
+    assert both["total_s"] > first["total_s"]  # the first part's time, then the second's
+
+
+def test_a_second_part_with_other_settings_is_refused(results):
+    root = results.parent
+    earlier = str(root / "kdscale_side" / "results.json")
+    args = bench_args(root, "refused", "--kdscale_from", earlier)
+    with pytest.raises(SystemExit, match=r"settings differ from this one's in \['seeds'\]"):
+        sst2_run.main([*args, "--seeds", "1"])
+    assert not (root / "refused").exists()

@@ -60,7 +60,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_eval_examples", type=int, help="fewer dev rows (tests)")
     p.add_argument("--seeds", type=int, nargs="+")
     p.add_argument("--latency_batches", type=int, help="timed batches per model (tests: few)")
-    p.add_argument("--skip_baseline", action="store_true", help="kdscale side only (tuning)")
+    p.add_argument("--skip_baseline", action="store_true", help="kdscale side only")
+    p.add_argument("--kdscale_from", type=Path, metavar="RESULTS_JSON",
+                   help="a long run in two parts: the kdscale side of an earlier run with the "
+                   "same settings and --work (--skip_baseline), and now the baseline")
     return p.parse_args(argv)
 
 
@@ -222,15 +225,40 @@ def portable(settings: dict) -> dict:
     return out
 
 
+def earlier_kdscale_side(path: Path, settings: dict, root: Path) -> tuple[dict, DevSet, float]:
+    """The kdscale side of an earlier run with these settings, and its teacher (for the dev
+    set), which must still be under `root`; with the seconds that run took."""
+    earlier = json.loads(path.read_text())
+    differ = sorted(key for key, value in portable(settings).items()
+                    if earlier["settings"].get(key) != value)
+    if differ:
+        raise SystemExit(f"--kdscale_from {path}: that run's settings differ from this one's "
+                         f"in {differ}; run with the same bench.yaml and arguments")
+    if not (root / "teacher").is_dir():
+        raise SystemExit(f"--kdscale_from {path}: its teacher is not in {root / 'teacher'}; "
+                         f"pass that run's --work")
+    dev = DevSet(kdscale_config(settings, root, "finetune"))
+    teacher = dev.evaluate(load_classifier(root / "teacher", "teacher"), 0.0)
+    if teacher["accuracy"] != earlier["kdscale"]["teacher"]["accuracy"]:
+        raise SystemExit(f"--kdscale_from {path}: the teacher in {root / 'teacher'} scores "
+                         f"{teacher['accuracy']:.4f}, not that run's "
+                         f"{earlier['kdscale']['teacher']['accuracy']:.4f}: another run's")
+    return earlier["kdscale"], dev, earlier["total_s"]
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     settings = load_settings(args)
-    start = time.perf_counter()
-    shutil.rmtree(args.work, ignore_errors=True)  # a fresh teacher and cache every run
-    kdscale_side, dev = run_kdscale(settings, args.work / "kdscale")
+    start, earlier_s = time.perf_counter(), 0.0
+    if args.kdscale_from:
+        kdscale_side, dev, earlier_s = earlier_kdscale_side(args.kdscale_from, settings,
+                                                            args.work / "kdscale")
+    else:
+        shutil.rmtree(args.work, ignore_errors=True)  # a fresh teacher and cache every run
+        kdscale_side, dev = run_kdscale(settings, args.work / "kdscale")
     baseline_side = None if args.skip_baseline else run_baseline(settings, dev)
     results = report.build(portable(settings), dev.rows, kdscale_side, baseline_side,
-                           total_s=time.perf_counter() - start)
+                           total_s=earlier_s + time.perf_counter() - start)
     report.write(results, args.out)
     return results
 
