@@ -134,11 +134,13 @@ def _gib(value: float | None) -> str:
         return f"{value / 1024**3:.2f} GiB"
     return f"{value / 1024**2:.1f} MiB"
 
+
+# What the memory of distill holds, by where it reads teacher output from (teacher_source).
 DISTILL_TOTAL = {"cache": " (student; the teacher is read from the cache)",
                  "online": " (student + online teacher)", "none": " (student; hard labels)"}
 
 
-def describe_plan(plan: Plan, config: Config) -> str:
+def describe_plan(plan: Plan) -> str:
     launch, sizes, teacher = plan.launch, plan.sizes, plan.teacher
     zero = plan.student_zero
     lines = [
@@ -195,7 +197,7 @@ def run_env(args, config: Config) -> None:
     if memory is None:
         memory = _local_device_memory_gib()
     plan = make_plan(config, launch, memory)
-    print(json.dumps(plan.to_dict(), indent=1) if args.json else describe_plan(plan, config))
+    print(json.dumps(plan.to_dict(), indent=1) if args.json else describe_plan(plan))
 
 
 def _local_device_memory_gib() -> float | None:
