@@ -81,7 +81,6 @@ def test_a_small_device_gets_a_sharded_teacher(bert_large, capsys, monkeypatch):
         plan["teacher"]["weights"] / 8)
 
 
-
 @pytest.mark.parametrize("source, overrides", [("cache", []),
                                                ("online", ["--teacher.source", "online"]),
                                                ("none", ["--loss.alpha", "0"])])
@@ -101,6 +100,7 @@ def test_the_plan_reads_the_cache_only_when_distill_does(source, overrides, bert
     cache_line = next(line for line in capsys.readouterr().out.splitlines()
                       if line.startswith("cache "))
     assert ("not read" in cache_line) == (source != "cache")
+
 
 def test_an_existing_cache_is_measured(quick_demo, capsys):
     plan = plan_of(capsys, "--teacher.checkpoint", str(quick_demo / "teacher"),
