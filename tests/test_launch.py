@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 
 from kdscale.distributed import free_port
 
-SCRIPTS = sorted(p for p in (REPO / "launch").iterdir() if p.suffix in (".sh", ".sbatch"))
+SCRIPTS = sorted(p for folder in ("launch", "tools") for p in (REPO / folder).iterdir()
+                 if p.suffix in (".sh", ".sbatch"))
 # The venv's own tools (accelerate, deepspeed, shellcheck) come first on the PATH.
 ENV = {**LAUNCH_ENV, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
        "PYTHON": sys.executable}

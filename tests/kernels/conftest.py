@@ -1,7 +1,7 @@
 """Without a GPU, the Triton kernels run on CPU in Triton's interpreter (fp32 only there).
 
 Triton reads TRITON_INTERPRET when a function is decorated with ``@triton.jit``: for the
-kernels of ``kd_loss.py``, when ``kdscale.kernels`` first imports it (on the first
+kernels of ``fused.py``, when ``kdscale.kernels`` first imports it (on the first
 ``kd_loss_triton`` call, inside a test), but for triton's own library functions (``tl.sum``,
 ``tl.max``, ``tl.zeros``, ...) when triton is imported, and ``torch._dynamo`` (here through
 transformers, in tests/conftest.py) imports triton before this file is read. So for this

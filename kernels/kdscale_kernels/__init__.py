@@ -1,6 +1,9 @@
 """Distillation loss kernels, importable as ``kdscale.kernels``.
 
-``kd_loss`` runs the Triton kernel (``kd_loss.py``) on CUDA tensors and the pure-PyTorch
+This folder installs as ``kdscale.kernels``; it is not a top-level ``kernels`` package, which
+would shadow Hugging Face's ``kernels`` library that transformers imports.
+
+``kd_loss`` runs the Triton kernel (``fused.py``) on CUDA tensors and the pure-PyTorch
 reference (``reference.py``, the definition of the loss) elsewhere. ``kd_loss_triton`` is the
 Triton path on any device: CUDA, or CPU under the Triton interpreter (``TRITON_INTERPRET=1``,
 as the tests do).
@@ -40,20 +43,9 @@ def kd_loss(
 
 def kd_loss_triton(student_logits, teacher_logits=None, labels=None, **options):
     """``kd_loss`` through the Triton kernel on any device, with the same arguments plus
-    ``inplace_grad=True`` to write the gradient over ``student_logits`` (see ``kd_loss.py``)."""
+    ``inplace_grad=True`` to write the gradient over ``student_logits`` (see ``fused.py``)."""
     # Imported on first use, not with the package: importing the kernels imports triton and
     # fixes whether they compile or run in the interpreter (TRITON_INTERPRET is read then).
-    from .kd_loss import kd_loss_triton as triton_path
+    from .fused import kd_loss_triton as triton_path
 
-    _restore_kd_loss()
     return triton_path(student_logits, teacher_logits, labels, **options)
-
-
-_KD_LOSS = kd_loss
-
-
-def _restore_kd_loss():
-    """Python binds a submodule, once imported, as an attribute of its package: importing
-    ``kd_loss.py`` puts the module in place of the function ``kd_loss``. Bind it back."""
-    global kd_loss
-    kd_loss = _KD_LOSS
