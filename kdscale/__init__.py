@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Config": "kdscale.config",
     "load_config": "kdscale.config",
-    "KDLoss": "kdscale.losses",
+    "KDLoss": "kdscale.train.losses",
     "kd_loss": "kdscale.kernels",
     "LogitCache": "kdscale.cache",
     "DistillationTrainer": "kdscale.hf",

@@ -9,7 +9,7 @@ import sys
 
 from kdscale.config import load_config
 from kdscale.errors import KdscaleError
-from kdscale.stopping import EXIT_STOPPED, JobStopped
+from kdscale.train.stopping import EXIT_STOPPED, JobStopped
 
 COMMANDS = {
     "finetune": "fine-tune the teacher on the task (cross-entropy)",
@@ -52,13 +52,13 @@ def _add_env_arguments(sub: argparse.ArgumentParser) -> None:
 def run(command: str, config) -> None:
     # Imported per command: `kdscale --help` should not wait for torch and transformers.
     if command == "finetune":
-        from kdscale.finetune import run_finetune as run_command
+        from kdscale.commands.finetune import run_finetune as run_command
     elif command == "cache":
-        from kdscale.caching import run_cache as run_command
+        from kdscale.commands.cache import run_cache as run_command
     elif command == "distill":
-        from kdscale.distill import run_distill as run_command
+        from kdscale.commands.distill import run_distill as run_command
     elif command == "eval":
-        from kdscale.evaluation import run_eval as run_command
+        from kdscale.commands.evaluate import run_eval as run_command
     run_command(config)
     _leave_process_group()
 
@@ -78,11 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = build_parser().parse_known_args(argv)
     try:
         if args.command == "env":
-            from kdscale.launch_plan import run_env
+            from kdscale.commands.env import run_env
 
             run_env(args, load_config(args.config, overrides))
         elif args.command == "demo":
-            from kdscale.demo import run_demo
+            from kdscale.commands.demo import run_demo
 
             run_demo(args.output_dir, overrides)
             _leave_process_group()

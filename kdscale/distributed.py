@@ -12,15 +12,11 @@ from __future__ import annotations
 import os
 import socket
 from datetime import timedelta
-from pathlib import Path
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, set_seed
 
-from kdscale.config import TrainConfig
 from kdscale.errors import KdscaleError
-from kdscale.tracking import trackers
 
 
 def launched_distributed() -> bool:
@@ -37,7 +33,7 @@ def check_launch_deepspeed_config() -> None:
     """The DeepSpeed JSON an accelerate config points at, checked before any work."""
     path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
     if uses_deepspeed() and path != "none":
-        from kdscale.deepspeed_config import check_deepspeed_config
+        from kdscale.config.deepspeed import check_deepspeed_config
 
         check_deepspeed_config(path, f"deepspeed_config_file {path}")
 
@@ -88,45 +84,8 @@ def process_state() -> PartialState:
     return PartialState(cpu=True)
 
 
-def make_accelerator(train: TrainConfig, seed: int, section: str = "train",
-                     log_dir: Path | None = None) -> Accelerator:
-    """One Accelerator per command. Batches are split: the loader yields global batches of
-    `batch_size * processes` rows and each process takes its part, so the data order and
-    every optimizer step's batch are the same whatever the number of processes. With
-    `log_dir`, the trackers of `train.report_to` write there."""
-    log_with = trackers(train.trackers, section) if log_dir is not None else None
-    process_state()  # the Accelerator joins the process group created there
-    accumulation = GradientAccumulationPlugin(
-        num_steps=train.gradient_accumulation_steps,
-        # Windows of exactly `num_steps` micro-batches are formed by the loop itself; an
-        # epoch's end must not cut one short (the loop drops an incomplete tail instead).
-        sync_with_dataloader=False)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available() and not uses_deepspeed(),
-                              mixed_precision=None if train.mixed_precision == "launch"
-                              else train.mixed_precision,
-                              dataloader_config=DataLoaderConfiguration(split_batches=True),
-                              gradient_accumulation_plugin=accumulation,
-                              log_with=log_with, project_dir=log_dir)
-    _fill_deepspeed_autos(accelerator, train)
-    set_seed(seed)
-    return accelerator
 
 
-def _fill_deepspeed_autos(accelerator: Accelerator, train: TrainConfig) -> None:
-    """"auto" values that Accelerate does not fill from its own arguments come from the
-    training config, so each value is stated once."""
-    plugin = accelerator.state.deepspeed_plugin
-    if plugin is None:
-        return
-    ds = plugin.deepspeed_config
-    # Accelerate reads the micro-batch from the loader, but ours are built from a batch
-    # sampler (length-grouped batches), which hides it.
-    filled = {"train_micro_batch_size_per_gpu": train.batch_size,
-              "gradient_clipping": train.max_grad_norm}
-    for key, value in filled.items():
-        if ds.get(key) == "auto":
-            ds[key] = value
-    plugin.gradient_clipping = ds.get("gradient_clipping")
 
 
 def reduce_sum(accelerator: Accelerator, value: torch.Tensor) -> torch.Tensor:

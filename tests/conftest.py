@@ -23,7 +23,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
 
-from kdscale.demo import build_demo_tokenizer  # noqa: E402
+from kdscale.commands.demo import build_demo_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -54,7 +54,8 @@ def quick_demo(tmp_path_factory):
     that need a real pipeline's files; under pytest-xdist the first worker to need it
     builds it and the others wait for it and read the same files."""
     from filelock import FileLock
-    from pipeline_helpers import QUICK, kdscale
+
+    from tests.support.pipeline import QUICK, kdscale
 
     root = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
@@ -73,7 +74,7 @@ def quick_demo(tmp_path_factory):
 def pipe(tmp_path_factory):
     """A tiny finished pipeline (teacher, cache, a checkpointed run) built in-process in
     about a second, for the bad-input and safe-loading tests to copy and damage."""
-    from bad_input_pipeline import build_pipeline
+    from tests.support.bad_input import build_pipeline
 
     root = tmp_path_factory.mktemp("pipeline")
     build_pipeline(root)

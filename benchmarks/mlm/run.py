@@ -19,14 +19,14 @@ import yaml
 from kdscale.kernels import kd_loss
 
 from benchmarks.sst2.run import REPO, kdscale_config, minilm_dir
-from kdscale.caching import run_cache
+from kdscale.commands.cache import run_cache
+from kdscale.commands.distill import run_distill
+from kdscale.commands.finetune import run_finetune
+from kdscale.commands.report import device_name
 from kdscale.data import make_loader
-from kdscale.distill import run_distill
-from kdscale.finetune import run_finetune
-from kdscale.models import load_classifier, load_tokenizer
-from kdscale.report import device_name
+from kdscale.data.batch import model_inputs
+from kdscale.models import load_model, load_tokenizer
 from kdscale.tasks import get_task
-from kdscale.train import model_inputs
 
 SETTINGS = Path(__file__).resolve().parent / "bench.yaml"
 TASK = get_task("mlm")
@@ -71,12 +71,12 @@ class HeldOut:
 
     def __init__(self, config):
         tokenizer = load_tokenizer(config.teacher_dir)
-        self.data = TASK.prepare(config, tokenizer, "eval")
+        self.data = TASK.load_split(config, tokenizer, "eval")
         self.loader = make_loader(self.data, config.eval.batch_size, TASK.collator(tokenizer),
                                   shuffle=False)
 
     def score(self, directory: Path) -> dict:
-        model = load_classifier(directory, "model", task=TASK)
+        model = load_model(directory, "model", model_class=TASK.model_class)
         return TASK.metrics(model, self.loader, self.data)
 
 
@@ -85,8 +85,8 @@ def truncation(teacher_dir: Path, student_dir: Path, held_out: HeldOut, ks: list
                temperature: float) -> list[dict]:
     """The soft loss T^2 * KL over held-out masked positions with the teacher's top-k only,
     against the full teacher; and the teacher probability the top k hold."""
-    teacher = load_classifier(teacher_dir, "teacher", task=TASK).eval()
-    student = load_classifier(student_dir, "student", task=TASK).eval()
+    teacher = load_model(teacher_dir, "teacher", model_class=TASK.model_class).eval()
+    student = load_model(student_dir, "student", model_class=TASK.model_class).eval()
     full, topk = 0.0, {k: {"loss": 0.0, "mass": 0.0} for k in ks}
     rows = 0
     for batch in held_out.loader:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from kdscale.report import device_name
+from kdscale.commands.report import device_name
 
 
 def spread(values: list[float]) -> dict:

@@ -29,19 +29,14 @@ import yaml
 from transformers import AutoTokenizer
 
 from benchmarks.sst2 import baseline, report
-from kdscale.caching import run_cache
+from kdscale.commands.cache import run_cache
+from kdscale.commands.distill import run_distill
+from kdscale.commands.evaluate import evaluate_model, median_length_batch
+from kdscale.commands.finetune import run_finetune
 from kdscale.config import Config, config_from_dict
-from kdscale.data import PaddingCollator, make_loader, prepare
-from kdscale.distill import run_distill
-from kdscale.evaluation import evaluate_model, median_length_batch
-from kdscale.finetune import run_finetune
-from kdscale.models import (
-    label_names,
-    load_classifier,
-    load_tokenizer,
-    num_layers_of,
-    resolve_layers,
-)
+from kdscale.config.model_fields import resolve_layers
+from kdscale.data import PaddingCollator, make_loader, tokenize_labelled
+from kdscale.models import label_names, load_model, load_tokenizer, num_layers_of
 
 REPO = Path(__file__).resolve().parents[2]
 SETTINGS = Path(__file__).resolve().parent / "bench.yaml"
@@ -132,8 +127,8 @@ class DevSet:
 
     def __init__(self, config: Config):
         self.tokenizer = tokenizer = load_tokenizer(config.teacher_dir)
-        self.labels = label_names(load_classifier(config.teacher_dir, "teacher"))
-        data = prepare(config.data, tokenizer, "eval", self.labels)
+        self.labels = label_names(load_model(config.teacher_dir, "teacher"))
+        data = tokenize_labelled(config.data, tokenizer, "eval", self.labels)
         self.loader = make_loader(data, config.eval.batch_size,
                                   PaddingCollator(tokenizer.pad_token_id), shuffle=False)
         self.timing_batch = median_length_batch(self.loader)
@@ -150,7 +145,7 @@ class DevSet:
 
 def labelled_rows(config: Config, dev: DevSet) -> int:
     """The training rows `kdscale finetune` read: the transfer set less its copies."""
-    return len(prepare(config.data, dev.tokenizer, "train", dev.labels).dataset)
+    return len(tokenize_labelled(config.data, dev.tokenizer, "train", dev.labels).dataset)
 
 
 def timed(fn, *args):
@@ -165,7 +160,7 @@ def run_kdscale(settings: dict, root: Path) -> tuple[dict, DevSet]:
     _, finetune_s = timed(run_finetune, teacher_cfg)
     _, cache_s = timed(run_cache, teacher_cfg)
     dev = DevSet(teacher_cfg)
-    teacher = load_classifier(teacher_cfg.teacher_dir, "teacher")
+    teacher = load_model(teacher_cfg.teacher_dir, "teacher")
     transfer_rows = json.loads((root / "cache" / "manifest.json").read_text())["num_examples"]
     out = {"teacher": dev.evaluate(teacher, finetune_s), "cache_s": round(cache_s, 2),
            "train_rows": labelled_rows(teacher_cfg, dev),
@@ -185,7 +180,7 @@ def kdscale_student(settings, root, dev, name, spec, kind, seed) -> dict:
     config = kdscale_config(settings, root, run, settings[kind], spec.get(kind, {}),
                             {"seed": seed, "student": {"layers": spec["kdscale"]}})
     _, seconds = timed(run_distill, config)
-    student = load_classifier(config.student_dir, "student")
+    student = load_model(config.student_dir, "student")
     layers = resolve_layers(spec["kdscale"], num_layers_of(config.teacher_dir))
     metrics = dev.evaluate(student, seconds, seed=seed, teacher_layers=layers)
     shutil.rmtree(config.student_dir)  # evaluated; the weights are not needed again
@@ -238,7 +233,7 @@ def earlier_kdscale_side(path: Path, settings: dict, root: Path) -> tuple[dict, 
         raise SystemExit(f"--kdscale_from {path}: its teacher is not in {root / 'teacher'}; "
                          f"pass that run's --work")
     dev = DevSet(kdscale_config(settings, root, "finetune"))
-    teacher = dev.evaluate(load_classifier(root / "teacher", "teacher"), 0.0)
+    teacher = dev.evaluate(load_model(root / "teacher", "teacher"), 0.0)
     if teacher["accuracy"] != earlier["kdscale"]["teacher"]["accuracy"]:
         raise SystemExit(f"--kdscale_from {path}: the teacher in {root / 'teacher'} scores "
                          f"{teacher['accuracy']:.4f}, not that run's "

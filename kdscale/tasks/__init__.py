@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from kdscale.tasks.base import IGNORE_INDEX, CacheLayout, Task, cache_entries
+from kdscale.data.batch import IGNORE_INDEX
+from kdscale.tasks.base import CacheLayout, Task, cache_entries
 
 TASKS = ("classification", "mlm", "pretraining", "token-classification", "question-answering")
 

@@ -27,10 +27,13 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
-from kdscale.config import Config, ConfigError, DataConfig, TeacherConfig
+from kdscale.cache.format import CacheError
+from kdscale.config import Config, ConfigError, DataConfig, StudentConfig, TeacherConfig
+from kdscale.config.model_fields import teacher_config_from_dict
 from kdscale.data import PaddingCollator, TaskData
+from kdscale.data.batch import IGNORE_INDEX
+from kdscale.models import checkpoint_errors
 
-IGNORE_INDEX = -100
 PAD_LOGIT = -1e4  # a padded output: no probability after softmax, and finite in fp16
 
 
@@ -64,15 +67,22 @@ class Task:
     def new_model(self, cfg: TeacherConfig, labels: list[str]) -> PreTrainedModel:
         """The teacher to fine-tune: pretrained (teacher.model) or built (teacher.config),
         with a new head for `labels`."""
-        from kdscale.models import _loading, teacher_config_from_dict
-
         if cfg.config is not None:
             config = teacher_config_from_dict(cfg.config, self.head_size(labels))
             return self.model_class.from_config(config)
         if cfg.model is None:
             raise ConfigError("teacher: set teacher.model (hub name or local directory) or "
                               "teacher.config (inline model config)")
-        with _loading(f"teacher.model {cfg.model}"):
+        with checkpoint_errors(f"teacher.model {cfg.model}"):
+            return self.from_pretrained(cfg.model, labels or None)
+
+    def student_source(self, cfg: StudentConfig, teacher: PreTrainedModel) -> PreTrainedModel:
+        """Whose layers the student keeps: the teacher's, or those of the pretrained
+        `student.model`, loaded with the teacher's head."""
+        if cfg.model is None:
+            return teacher
+        labels = self.label_names(teacher.config)
+        with checkpoint_errors(f"student.model {cfg.model}"):
             return self.from_pretrained(cfg.model, labels or None)
 
     def head_size(self, labels: list[str]) -> int:
@@ -97,7 +107,7 @@ class Task:
         """`data:` as this task reads it (a masked LM has no label column)."""
         return config.data
 
-    def prepare(self, config: Config, tokenizer, split: str,
+    def load_split(self, config: Config, tokenizer, split: str,
                 label_names: list[str] | None = None) -> TaskData:
         raise NotImplementedError
 
@@ -105,7 +115,7 @@ class Task:
                      label_names: list[str] | None = None) -> TaskData:
         """What a student is distilled on, and the cache holds: the training split, plus the
         data.augment copies where the task builds them (classification)."""
-        return self.prepare(config, tokenizer, "train", label_names)
+        return self.load_split(config, tokenizer, "train", label_names)
 
     def collator(self, tokenizer):
         return PaddingCollator(tokenizer.pad_token_id)
@@ -173,8 +183,6 @@ def cache_entries(task: Task, layout: CacheLayout, outputs, batch: dict) -> dict
 def check_positions(batch: dict) -> None:
     """A per-position cache's rows must sit where this batch's labels are: the masks (or
     word starts) the cache was built with are the data's."""
-    from kdscale.cache.format import CacheError
-
     valid = batch["labels"] != IGNORE_INDEX
     want = valid.nonzero()[:, 1]
     counts = valid.sum(dim=1)

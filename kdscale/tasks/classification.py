@@ -8,8 +8,9 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from kdscale.config import Config
-from kdscale.data import TaskData, prepare
+from kdscale.data import TaskData, tokenize_labelled
 from kdscale.tasks.base import CacheLayout, Task
+from kdscale.tasks.classification_metrics import classification_metrics, predict
 
 
 class SequenceClassification(Task):
@@ -17,13 +18,13 @@ class SequenceClassification(Task):
     model_class = AutoModelForSequenceClassification
     primary_metric = "accuracy"
 
-    def prepare(self, config: Config, tokenizer, split: str,
+    def load_split(self, config: Config, tokenizer, split: str,
                 label_names: list[str] | None = None) -> TaskData:
-        return prepare(config.data, tokenizer, split, label_names)
+        return tokenize_labelled(config.data, tokenizer, split, label_names)
 
     def transfer_set(self, config: Config, tokenizer,
                      label_names: list[str] | None = None) -> TaskData:
-        return prepare(config.data, tokenizer, "train", label_names, augment=True)
+        return tokenize_labelled(config.data, tokenizer, "train", label_names, augment=True)
 
     def cache_layout(self, config: Config, model_config) -> CacheLayout:
         layout = super().cache_layout(config, model_config)
@@ -34,7 +35,5 @@ class SequenceClassification(Task):
 
     @torch.inference_mode()
     def metrics(self, model: torch.nn.Module, loader, data: TaskData) -> dict:
-        from kdscale.evaluation import classification_metrics, predict
-
         preds, labels = predict(model, loader)
         return classification_metrics(preds, labels, data.num_labels)

@@ -18,7 +18,8 @@ from transformers import AutoModelForMaskedLM
 
 from kdscale.config import Config, ConfigError, DataConfig
 from kdscale.data import DataError, TaskData, fingerprint, load_raw
-from kdscale.tasks.base import IGNORE_INDEX, CacheLayout, Task
+from kdscale.data.batch import IGNORE_INDEX
+from kdscale.tasks.base import CacheLayout, Task
 
 RECIPE = "bert-80-10-10"  # what a chosen position becomes: [MASK], a random token, itself
 
@@ -41,7 +42,7 @@ class MaskedLM(Task):
     def data_config(self, config: Config) -> DataConfig:
         return dataclasses.replace(config.data, label_column=None, text_pair_column=None)
 
-    def prepare(self, config: Config, tokenizer, split: str,
+    def load_split(self, config: Config, tokenizer, split: str,
                 label_names: list[str] | None = None) -> TaskData:
         cfg = self.data_config(config)
         raw = load_raw(cfg, split)
@@ -78,7 +79,7 @@ class MaskedLM(Task):
     @torch.inference_mode()
     def metrics(self, model: torch.nn.Module, loader, data: TaskData) -> dict:
         """Accuracy and perplexity of the model's predictions at the held-out masked positions."""
-        from kdscale.train import model_inputs
+        from kdscale.data.batch import model_inputs
 
         model.eval()
         correct, nll, count = 0, 0.0, 0

@@ -30,7 +30,8 @@ from transformers import AutoModelForPreTraining
 
 from kdscale.config import Config
 from kdscale.data import DataError, TaskData, fingerprint, load_raw
-from kdscale.tasks.base import IGNORE_INDEX, PAD_LOGIT, CacheLayout
+from kdscale.data.batch import IGNORE_INDEX
+from kdscale.tasks.base import PAD_LOGIT, CacheLayout
 from kdscale.tasks.mlm import MaskedLM, Masker
 
 IS_NEXT, NOT_NEXT = 0, 1  # BertForPreTraining's next_sentence_label convention
@@ -41,7 +42,7 @@ class Pretraining(MaskedLM):
     name = "pretraining"
     model_class = AutoModelForPreTraining
 
-    def prepare(self, config: Config, tokenizer, split: str,
+    def load_split(self, config: Config, tokenizer, split: str,
                 label_names: list[str] | None = None) -> TaskData:
         cfg = self.data_config(config)
         raw = load_raw(cfg, split)
@@ -85,7 +86,7 @@ class Pretraining(MaskedLM):
     @torch.inference_mode()
     def metrics(self, model: torch.nn.Module, loader, data: TaskData) -> dict:
         """Masked-token accuracy and perplexity, and next-sentence accuracy, held out."""
-        from kdscale.train import model_inputs
+        from kdscale.data.batch import model_inputs
 
         model.eval()
         correct, nll, count, nsp_correct, pairs = 0, 0.0, 0, 0, 0

@@ -42,7 +42,7 @@ class QuestionAnswering(Task):
     model_class = AutoModelForQuestionAnswering
     primary_metric = "f1"
     # data.max_length: `to_cache` pads every feature's logits to it, but sees only a batch.
-    # Set by `prepare` and `cache_layout`, which the cache job calls before any batch.
+    # Set by `load_split` and `cache_layout`, which the cache job calls before any batch.
     max_length: int | None = None
 
     def head_size(self, labels: list[str]) -> int:
@@ -51,7 +51,7 @@ class QuestionAnswering(Task):
     def label_names(self, model_config) -> list[str]:
         return []  # outputs are token positions, not named classes
 
-    def prepare(self, config: Config, tokenizer, split: str,
+    def load_split(self, config: Config, tokenizer, split: str,
                 label_names: list[str] | None = None) -> QAData:
         cfg = config.data
         check_settings(cfg, tokenizer)
@@ -83,7 +83,7 @@ class QuestionAnswering(Task):
     def to_cache(self, label_logits: torch.Tensor, batch: dict) -> torch.Tensor:
         """[B, 2, L] -> [B, 2 * max_length]: start logits, then end logits, padded."""
         if self.max_length is None:
-            raise CacheError("question-answering: to_cache before prepare or cache_layout "
+            raise CacheError("question-answering: to_cache before load_split or cache_layout "
                              "(which set data.max_length)")
         width = label_logits.shape[-1]
         if width > self.max_length:
@@ -104,7 +104,7 @@ class QuestionAnswering(Task):
     def metrics(self, model: torch.nn.Module, loader, data: QAData) -> dict:
         """SQuAD exact match and F1: each question's answer is the best span over all its
         windows, read from the context through the tokens' character offsets."""
-        from kdscale.train import model_inputs
+        from kdscale.data.batch import model_inputs
 
         model.eval()
         device = next(model.parameters()).device

@@ -18,7 +18,8 @@ from transformers import AutoModelForTokenClassification
 
 from kdscale.config import Config, ConfigError, DataConfig
 from kdscale.data import DataError, TaskData, fingerprint, load_raw
-from kdscale.tasks.base import IGNORE_INDEX, CacheLayout, Task
+from kdscale.data.batch import IGNORE_INDEX
+from kdscale.tasks.base import CacheLayout, Task
 from kdscale.tasks.entity_f1 import entity_scores
 
 # List features across datasets versions (3.x: Sequence or a Python list; 4+: List).
@@ -32,7 +33,7 @@ class TokenClassification(Task):
     primary_metric = "entity_f1"
     per_position = True
 
-    def prepare(self, config: Config, tokenizer, split: str,
+    def load_split(self, config: Config, tokenizer, split: str,
                 label_names: list[str] | None = None) -> TaskData:
         """Tokenize one split and align its tags; the eval split (and the cache and distill
         runs) pass the teacher's tag names, so a tag keeps its id across splits."""
@@ -165,7 +166,7 @@ class Aligner:
 def predict_tags(model: torch.nn.Module, loader,
                  names: list[str]) -> tuple[list[list[str]], list[list[str]]]:
     """(gold, predicted) tag names per example, one per word (its first piece's prediction)."""
-    from kdscale.train import model_inputs
+    from kdscale.data.batch import model_inputs
 
     model.eval()
     gold, predicted = [], []

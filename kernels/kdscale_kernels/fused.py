@@ -30,6 +30,9 @@ with no host sync. Each program owns ROWS whole rows (many for tiny V, one for l
 Memory traffic per row: the student and a dense teacher are read twice (passes 1 and 2) and
 the gradient written once; the k slots are read a few times (k << V). The benchmark's byte
 model counts the minimum, one read of each input and one write (see bench.py).
+
+Over 300 lines on purpose: one op in one file, read top-down (launch constants, the
+``@triton.jit`` kernel, the host launcher, the autograd Function), as Liger-Kernel lays out its ops.
 """
 
 import torch

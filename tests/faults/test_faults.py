@@ -1,5 +1,5 @@
 """Faults in CI: a few seeded faults against real 2-process jobs, each checked as the
-harness checks it (`python -m tests.faults.harness` runs many; docs/reliability.md)."""
+harness checks it (`python -m tools.faults.harness` runs many; docs/reliability.md)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,7 @@ from kdscale.cache.format import CacheError
 from kdscale.cache.sidecar import finished_shards
 from kdscale.distributed import TIMEOUT_VARIABLE, collective_timeout
 from kdscale.errors import KdscaleError
-
-from .scenarios import draw, prepare, run_fault
+from tools.faults.scenarios import draw, prepare, run_fault
 
 TIMEOUT_S = 5  # the jobs' collective timeout: how long a hung rank may stall the others
 SEED = 0

@@ -3,6 +3,8 @@
 On CPU the kernel runs in Triton's interpreter (see conftest.py): fp32 and small shapes.
 V = 1271 takes two blocks of the sweep over a row, V = 2 and 3 pack many rows to a program.
 bf16/fp16, large shapes and torch.compile are in test_kd_loss_gpu.py.
+
+Over 300 lines on purpose: the kernel's whole case table against the reference in one place.
 """
 
 import importlib

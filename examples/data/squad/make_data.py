@@ -101,7 +101,7 @@ def make_rows(rng: random.Random, n: int, variants: bool) -> list[dict]:
 def build_tokenizer():
     """A word-level tokenizer with BERT's special tokens and [CLS] A [SEP] B [SEP] layout;
     its vocabulary is every word the templates can produce, so no token is [UNK]."""
-    from kdscale.demo import word_level_tokenizer
+    from kdscale.commands.demo import word_level_tokenizer
 
     words = {w.lower() for w in NAMES + CITIES + COLOURS + JOBS + YEARS + TEMPLATE_WORDS}
     return word_level_tokenizer(SPECIAL_TOKENS + sorted(words))  # "Anna's" -> anna ' s

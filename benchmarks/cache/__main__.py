@@ -1,0 +1,3 @@
+from benchmarks.cache.run import main
+
+main()

@@ -1,0 +1,3 @@
+from benchmarks.distill.run import main
+
+main()

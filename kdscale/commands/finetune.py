@@ -1,0 +1,82 @@
+"""`kdscale finetune`: fine-tune the teacher on the task with cross-entropy (the seed's step 1)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from kdscale.config import Config, ConfigError, to_dict
+from kdscale.config.model_fields import resolve_layers
+from kdscale.data import check_sources, make_loader
+from kdscale.data.batch import model_inputs
+from kdscale.distributed import (
+    check_launch_deepspeed_config,
+    process_state,
+    uses_deepspeed,
+)
+from kdscale.models import check_inputs_fit, load_tokenizer, num_layers_of
+from kdscale.tasks import Task, get_task
+from kdscale.train.accelerator import make_accelerator
+from kdscale.train.checkpoint import check_resume, checkpoint_root
+from kdscale.train.loop import save_model, train_loop
+from kdscale.train.timing import StepTimer, print_breakdown
+from kdscale.train.tracking import log_dir, start_tracking
+
+
+def cross_entropy_step(task: Task):
+    """The task's cross-entropy over the batch's rows (classes, masked tokens, tags, span
+    ends), as a sum: the training loop divides by the step's row count."""
+
+    def step(model: torch.nn.Module, batch: dict, timer: StepTimer) -> dict[str, torch.Tensor]:
+        with timer.phase("forward"):
+            outputs = model(**model_inputs(batch))
+        with timer.phase("loss"):
+            rows, labels = task.rows(task.label_logits(outputs, batch), batch)
+            loss = torch.nn.functional.cross_entropy(rows.float(), labels, reduction="sum")
+        return {"loss": loss}
+    return step
+
+
+def check_teacher_inputs(config: Config) -> None:
+    """Settings that would only fail later (at distill time) are caught before fine-tuning."""
+    source = config.teacher.tokenizer or config.teacher.model
+    if source is None:
+        raise ConfigError("teacher.tokenizer: expected a tokenizer name or directory when the "
+                          "teacher is built from teacher.config")
+    if config.teacher.model and Path(config.teacher.model).is_dir() and not config.student.model:
+        resolve_layers(config.student.layer_spec,
+                       num_layers_of(config.teacher.model, "teacher.model"))
+
+
+def run_finetune(config: Config) -> None:
+    check_sources(get_task(config.task).data_config(config))
+    check_teacher_inputs(config)
+    check_launch_deepspeed_config()
+    state = process_state()
+    check_resume(checkpoint_root(config.output_dir, "finetune"), config.finetune, "finetune",
+                 state.num_processes, uses_deepspeed())
+    tokenizer = load_tokenizer(config.teacher.tokenizer or config.teacher.model,
+                               "teacher.tokenizer" if config.teacher.tokenizer else "teacher.model")
+    task = get_task(config.task)
+    with state.main_process_first():  # one tokenizes, the rest read its files
+        train = task.load_split(config, tokenizer, "train")
+    teacher = task.new_model(config.teacher, train.label_names)
+    check_inputs_fit(teacher.config, tokenizer, config.data.max_length, "the teacher")
+    if train.label_names:  # classes or tags; a masked LM's outputs are its vocabulary
+        teacher.config.id2label = dict(enumerate(train.label_names))
+        teacher.config.label2id = {name: i for i, name in enumerate(train.label_names)}
+    # After the model is built: ZeRO-3 then partitions it in prepare().
+    accelerator = make_accelerator(config.finetune, config.seed, "finetune",
+                                   log_dir(config.output_dir))
+    start_tracking(accelerator, "finetune", to_dict(config))
+    global_batch = config.finetune.batch_size * accelerator.num_processes
+    loader = make_loader(train, global_batch, task.collator(tokenizer), shuffle=True,
+                         seed=config.seed)
+    teacher, history = train_loop(teacher, loader, cross_entropy_step(task), config.finetune,
+                                  accelerator, desc="finetune teacher",
+                                  checkpoints=checkpoint_root(config.output_dir, "finetune"))
+    save_model(accelerator, teacher, tokenizer, config.teacher_dir, history)
+    accelerator.print(f"teacher saved to {config.teacher_dir}")
+    print_breakdown(accelerator, history)
+    accelerator.end_training()

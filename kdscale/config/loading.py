@@ -1,0 +1,167 @@
+"""Typed experiment configs: dataclasses (`kdscale.config.schema`) loaded from YAML, dotted
+command-line overrides, validated (`kdscale.config.checks`) before any work starts.
+
+A config file mirrors `Config`; every key is optional. Overrides on the command line use the
+same dotted keys: `--loss.temperature 4 --student.layers [0,2]`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from kdscale.config.checks import check_config
+from kdscale.config.schema import (
+    Config,
+    ConfigError,
+)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML file <- `--dotted.key value` overrides, then validated."""
+    raw: dict = {}
+    if path is not None:
+        raw = read_yaml(path)
+    for key, value in parse_overrides(overrides or []):
+        set_dotted(raw, key, value)
+    return config_from_dict(raw)
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, "
+                          f"got {type(raw).__name__}")
+    return raw
+
+
+def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
+    """`["--loss.temperature", "4", "--student.layers=[0,2]"]` -> [("loss.temperature", 4), ...]."""
+    pairs, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"expected an override like --section.key value, got {arg!r}")
+        if "=" in arg:
+            key, text = arg[2:].split("=", 1)
+            i += 1
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            key, text = arg[2:], args[i + 1]
+            i += 2
+        else:
+            raise ConfigError(f"override {arg} has no value")
+        pairs.append((key, _parse_value(key, text)))
+    return pairs
+
+
+def _parse_value(key: str, text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise ConfigError(f"override --{key}: {text!r} is not a valid value "
+                          f"(numbers, strings, [lists] and null are)") from None
+
+
+def set_dotted(raw: dict, key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot set {key}: {part} is not a section")
+    node[leaf] = value
+
+
+def config_from_dict(raw: dict) -> Config:
+    config = _build(Config, raw, prefix="")
+    check_config(config)
+    return config
+
+
+def _build(cls: type, raw: Any, prefix: str, base: Any = None) -> Any:
+    """`base` (default: `cls()`) with the keys of `raw` replaced; a nested section starts
+    from its parent's default, so `distill:` keeps distill's own defaults."""
+    base = cls() if base is None else base
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    values = {}
+    for key, value in raw.items():
+        if key not in names:
+            hint = difflib.get_close_matches(str(key), names, n=1)
+            suggestion = f" (did you mean {prefix}{hint[0]}?)" if hint else ""
+            raise ConfigError(f"unknown key {prefix}{key}{suggestion}; expected one of {names}")
+        kind = hints[key]
+        if dataclasses.is_dataclass(kind):
+            values[key] = _build(kind, value, f"{prefix}{key}.", getattr(base, key))
+        else:
+            values[key] = _coerce(value, kind, f"{prefix}{key}")
+    return dataclasses.replace(base, **values)
+
+
+def _coerce(value: Any, kind: Any, key: str) -> Any:
+    """Return `value` as type `kind`, or raise naming the key and the expected type."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (Union, types.UnionType):
+        for option in args:
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                continue
+    elif origin is Literal:
+        if value is False and "no" in args:  # YAML 1.1 reads a bare `no` as false
+            return "no"
+        if value in args:
+            return value
+    elif origin is list:
+        if isinstance(value, list):
+            return [_coerce(item, args[0], f"{key}[{i}]") for i, item in enumerate(value)]
+    elif kind is type(None):
+        if value is None:
+            return None
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads 1e-5 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif kind in (str, bool, dict):
+        if isinstance(value, kind):
+            return value
+    raise ConfigError(f"{key}: expected {_describe(kind)}, got {value!r}")
+
+
+def _describe(kind: Any) -> str:
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin is list:
+        return f"a list of {_describe(args[0])}"
+    if kind is type(None):
+        return "null"
+    return {float: "a number", int: "an integer", str: "a string", bool: "true or false",
+            dict: "a mapping"}.get(kind, str(kind))
+
+
+def to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)

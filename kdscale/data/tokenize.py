@@ -1,0 +1,122 @@
+"""Labelled text tokenized with the teacher's tokenizer, with a fingerprint of the processed
+examples (ids, tokens, labels): a cache refuses data it was not built from."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import datasets
+
+from kdscale.config import DataConfig
+from kdscale.data.augment import COPY_COLUMN, NO_LABEL, with_copies
+from kdscale.data.sources import DataError, label_names_of, load_raw
+
+MODEL_COLUMNS = ["input_ids", "attention_mask", "token_type_ids", "labels", "example_id"]
+
+
+
+
+@dataclass
+class TaskData:
+    dataset: datasets.Dataset  # tokenized: MODEL_COLUMNS (token_type_ids where the model has them)
+    label_names: list[str]
+    fingerprint: str
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+    def rows(self, indices: list[int]) -> list[dict]:
+        """Examples at these dataset positions, as a collator takes them (one columnar read)."""
+        columns = self.dataset[indices]
+        return [dict(zip(columns, values, strict=True))
+                for values in zip(*columns.values(), strict=True)]
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+def tokenize_labelled(cfg: DataConfig, tokenizer, split: str,
+            label_names: list[str] | None = None, augment: bool = False) -> TaskData:
+    """Load, tokenize and fingerprint one split. Pass the training split's `label_names` when
+    preparing the eval split, so string labels map to the same ids. `augment`: add the
+    training rows' `data.augment` copies (labelled NO_LABEL), as distillation reads them."""
+    raw = load_raw(cfg, split)
+    if augment and cfg.augment.copies:
+        if cfg.augment.mask_prob > 0 and tokenizer.mask_token is None:
+            raise DataError("data.augment.mask_prob: the teacher's tokenizer has no mask "
+                            "token; expected data.augment.mask_prob 0")
+        raw = with_copies(raw, cfg, tokenizer.mask_token)
+    label_names = label_names or label_names_of(raw, cfg)
+    label_ids = {name: i for i, name in enumerate(label_names)}
+    is_class_label = isinstance(raw.features[cfg.label_column], datasets.ClassLabel)
+
+    def tokenize(batch: dict) -> dict:
+        _check_texts(batch, cfg)
+        pairs = batch[cfg.text_pair_column] if cfg.text_pair_column else None
+        encoded = tokenizer(batch[cfg.text_column], pairs, truncation=True,
+                            max_length=cfg.max_length)
+        labels = batch[cfg.label_column]
+        labels = labels if is_class_label else [label_ids[str(v)] for v in labels]
+        copies = batch.get(COPY_COLUMN, [0] * len(labels))
+        encoded["labels"] = [NO_LABEL if copy else label
+                             for copy, label in zip(copies, labels, strict=True)]
+        return encoded
+
+    unknown = set(map(str, raw.unique(cfg.label_column))) - set(label_names)
+    if not is_class_label and unknown:
+        raise DataError(f"data.label_column: {split} labels {sorted(unknown)} are not among "
+                        f"the training labels {label_names}")
+    keep = {"example_id"}
+    tokenized = raw.map(tokenize, batched=True, desc=f"tokenizing {split}",
+                        remove_columns=[c for c in raw.column_names if c not in keep])
+    return TaskData(tokenized, label_names, fingerprint(tokenized, cfg.max_length))
+
+
+def _check_texts(batch: dict, cfg: DataConfig) -> None:
+    """A row without text: the tokenizer would stop with a message naming neither."""
+    for key in ("text_column", "text_pair_column"):
+        column = getattr(cfg, key)
+        if column is None:
+            continue
+        ids = [i for i, text in zip(batch["example_id"], batch[column], strict=True)
+               if not isinstance(text, str)]
+        if ids:
+            raise DataError(f"data.{key}: rows with example ids {ids[:5]} have no text in "
+                            f"column {column!r}; expected a string in every row")
+
+
+def fingerprint(dataset: datasets.Dataset, max_length: int) -> str:
+    """sha256 of the processed examples (ids, tokens, labels): what the teacher saw."""
+    digest = hashlib.sha256(f"kdscale-data-v1 max_length={max_length}".encode())
+    columns = [c for c in MODEL_COLUMNS if c in dataset.column_names and c != "attention_mask"]
+    for table in dataset.with_format("arrow").iter(batch_size=16384):
+        for name in columns:
+            column = table.column(name).combine_chunks()
+            if hasattr(column, "flatten"):  # token lists: hash their lengths and contents
+                digest.update(column.value_lengths().to_numpy(zero_copy_only=False).tobytes())
+                column = column.flatten()
+            digest.update(column.to_numpy(zero_copy_only=False).astype("int64").tobytes())
+    return digest.hexdigest()
+
+
+
+
+
+
+
+

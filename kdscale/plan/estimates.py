@@ -1,0 +1,148 @@
+"""The teacher's placement, the cache's size and the memory per device of a planned launch
+(see kdscale.plan.launch)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kdscale.cache.format import CacheError, read_manifest
+from kdscale.config import Config
+from kdscale.plan.memory import (
+    DTYPE_BYTES,
+    activation_bytes,
+    teacher_weight_bytes,
+    training_state_bytes,
+)
+from kdscale.plan.sizes import ModelSizes
+from kdscale.tasks import get_task
+from kdscale.teacher import DEEPSPEED_CONFIGS, choose_placement, teacher_source
+
+GiB = 1024**3
+_CACHE_DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
+_TOPK_INDEX_BYTES = 4  # int32 vocabulary indices beside each value
+
+
+def teacher_dtype(config: Config, mixed_precision: str) -> str:
+    """teacher.precision; `auto` is bf16 on GPUs that have it, which a bf16 launch implies."""
+    if config.teacher.precision != "auto":
+        return config.teacher.precision
+    return "bf16" if mixed_precision == "bf16" else "fp32"
+
+
+# Where the teacher runs, by where distill reads its outputs from (teacher_source).
+RUNS_IN = {"cache": "cache", "online": "cache and distill",
+           "none": "no stage (a hard-label run: loss.alpha 0, no loss beyond logits; "
+                   "its layers only build the student)"}
+CACHE_UNREAD = {"online": "not read: the teacher runs online (teacher.source online)",
+                "none": "not read: a hard-label run reads no teacher output"}
+
+
+def teacher_estimate(config: Config, launch, sizes: ModelSizes,
+                     device_memory: float | None) -> dict:
+    dtype = teacher_dtype(config, launch.mixed_precision)
+    source = teacher_source(config)
+    weights = sizes.teacher_params * DTYPE_BYTES[dtype]
+    requested = config.teacher.placement
+    if requested == "auto" and device_memory is None:
+        placement, why = "auto", ("chosen at start from the free memory per device; pass "
+                                  "--device_memory_gib to see the choice now")
+    else:
+        chosen = choose_placement(requested, weights, int((device_memory or 0) * GiB),
+                                  launch.world_size)
+        placement, why = chosen.name, chosen.reason
+    per_device = {name: teacher_weight_bytes(sizes.teacher_params, dtype, name,
+                                             launch.world_size)
+                  for name in ("replicate", "zero3", "zero3_offload")}
+    return {"placement": placement, "why": why, "dtype": dtype, "weights": weights,
+            "deepspeed": _teacher_deepspeed(config, placement),
+            "source": source, "runs_in": RUNS_IN[source],
+            "weights_per_device": per_device}
+
+
+def _teacher_deepspeed(config: Config, placement: str) -> str:
+    if placement == "replicate":
+        return "none (a full copy on every device)"
+    if placement == "auto":
+        return "none or ZeRO-3, with the placement"
+    built_in = f"configs/{DEEPSPEED_CONFIGS[placement]}"
+    return f"ZeRO-3 ({config.teacher.deepspeed_config or built_in})"
+
+
+def cache_estimate(config: Config, sizes: ModelSizes) -> dict:
+    directory = config.cache_dir
+    source = teacher_source(config)
+    if source != "cache":
+        return {"dir": str(directory), "read": False, "why": CACHE_UNREAD[source]}
+    try:
+        manifest = read_manifest(directory)
+    except (CacheError, FileNotFoundError, OSError):
+        manifest = None
+    if manifest is not None:
+        on_disk = sum(p.stat().st_size for p in directory.iterdir() if p.is_file())
+        return {"dir": str(directory), "read": True, "written": True,
+                "examples": manifest.num_examples, "kind": manifest.kind,
+                "dtype": manifest.dtype, "bytes": on_disk}
+    examples = config.data.max_train_examples or count_rows(config.data.train_file)
+    if examples:  # an augmented copy is an example of its own
+        examples *= 1 + config.data.augment.copies
+    row = bytes_per_row(config, sizes) * rows_per_example(config)
+    kind = "topk per position" if get_task(config.task).per_position else \
+        "dense" if config.task == "question-answering" else config.cache.kind
+    return {"dir": str(directory), "read": True, "written": False, "examples": examples,
+            "kind": kind, "dtype": config.cache.dtype, "bytes_per_row": row,
+            "bytes": row * examples if examples else None}
+
+
+def bytes_per_row(config: Config, sizes: ModelSizes) -> int:
+    value, index = _CACHE_DTYPE_BYTES[config.cache.dtype], _TOPK_INDEX_BYTES
+    if config.task in ("mlm", "pretraining"):  # top-k, plus each row's place and example id
+        return config.cache.k * (value + index) + 12
+    if config.task == "token-classification":  # every tag, at each word start
+        return sizes.num_labels * (value + index) + 12
+    if config.task == "question-answering":  # a start and an end logit per position
+        return 2 * config.data.max_length * value
+    if config.cache.kind == "topk":
+        return config.cache.k * (value + index)
+    return sizes.num_labels * value
+
+
+def rows_per_example(config: Config) -> int:
+    """Cached rows per example, at most: the masked positions or word starts of a
+    full-length example (shorter ones have fewer), one otherwise."""
+    tokens = config.data.max_length - 2  # [CLS] and [SEP] are never rows
+    if config.task in ("mlm", "pretraining"):  # pretraining: one more, the next-sentence row
+        masked = max(1, round(config.data.mlm_probability * tokens))
+        return masked + (config.task == "pretraining")
+    return tokens if config.task == "token-classification" else 1
+
+
+def count_rows(train_file: str | None) -> int | None:
+    """Rows of a local line-oriented training file (header excluded); None when unknown."""
+    if not train_file or not Path(train_file).is_file():
+        return None
+    suffix = Path(train_file).suffix
+    if suffix not in (".csv", ".tsv", ".jsonl"):
+        return None
+    with open(train_file, "rb") as file:
+        lines = sum(1 for line in file if line.strip())
+    return lines - (suffix != ".jsonl")
+
+
+def memory_estimate(config: Config, launch, sizes: ModelSizes, zero: dict,
+                    teacher: dict) -> dict:
+    """Bytes per device while distilling: the student's training state and activations,
+    plus the teacher's weights when it runs online beside it."""
+    weights, grads, optimizer = training_state_bytes(
+        sizes.student_params, launch.mixed_precision, zero["stage"], launch.world_size,
+        zero["offload_optimizer"], zero["offload_params"])
+    activations = activation_bytes(config.distill.batch_size, config.data.max_length,
+                                   sizes.student_hidden, sizes.student_heads,
+                                   sizes.student_layers, launch.mixed_precision)
+    student = {"weights": weights, "gradients": grads, "optimizer": optimizer,
+               "activations": activations}
+    placement = teacher["placement"]
+    per_device = teacher["weights_per_device"]
+    teacher_bytes = per_device.get(placement, per_device["replicate"])
+    online = teacher_bytes if teacher["source"] == "online" else 0.0
+    return {"student": student, "teacher_while_caching": teacher_bytes,
+            "distill_total": sum(student.values()) + online}

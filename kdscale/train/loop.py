@@ -1,0 +1,220 @@
+"""The Accelerate training loop, shared by teacher fine-tuning and student distillation.
+
+A loss function returns sums over its valid rows (`loss` plus any parts to log). The loop
+divides by the number of valid rows in the whole optimizer step (every micro-batch of the
+accumulation window, on every process), not per micro-batch: a step's gradient is that of
+the mean over all its rows, whatever the accumulation and the number of processes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from itertools import islice
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from kdscale.config import ConfigError, TrainConfig
+from kdscale.data.batch import valid_rows
+from kdscale.distributed import reduce_sum
+from kdscale.train.checkpoint import (
+    Progress,
+    complete_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
+from kdscale.train.stopping import JobStopped, StopRequest
+from kdscale.train.timing import StepTimer
+from kdscale.train.tracking import flat_metrics
+
+if TYPE_CHECKING:
+    from kdscale.train.periodic_eval import PeriodicEval
+
+# loss_fn(model, batch, timer) -> sums over the batch's valid rows; it times its own
+# "teacher", "forward" and "loss" phases.
+LossFn = Callable[[torch.nn.Module, dict, StepTimer], dict[str, torch.Tensor]]
+
+
+def total_optimizer_steps(train: TrainConfig, steps_per_epoch: int) -> int:
+    steps = math.ceil(train.epochs * steps_per_epoch)
+    return min(steps, train.max_steps) if train.max_steps else steps
+
+
+def make_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
+    # No weight decay on biases and LayerNorm weights, as BERT was trained.
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 else decay).append(param)
+    groups = [{"params": decay, "weight_decay": train.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    # The fused kernel updates all parameters in one pass: about 5x faster than the default
+    # per-tensor loops on a CPU (a 17M-parameter step: 33 ms against 161 ms), and the same
+    # update rule.
+    return torch.optim.AdamW(groups, lr=train.learning_rate, fused=True)
+
+
+def train_loop(model: torch.nn.Module, loader: torch.utils.data.DataLoader, loss_fn: LossFn,
+               train: TrainConfig, accelerator: Accelerator, desc: str,
+               checkpoints: Path | None = None,
+               evaluator: PeriodicEval | None = None) -> tuple[torch.nn.Module, list[dict]]:
+    """Train `model` on `loader` (global batches; see make_accelerator). With `checkpoints`,
+    save there every `train.checkpoint_every` steps and resume from the newest complete one;
+    with `evaluator`, evaluate every `train.eval_every` steps and keep the best model.
+    Returns the prepared model and the logged history (loss records and eval records)."""
+    accum = train.gradient_accumulation_steps
+    steps_per_epoch = len(loader) // accum  # an epoch's incomplete last window is dropped
+    if steps_per_epoch == 0:
+        raise ConfigError(f"{desc}: {len(loader)} batches per epoch cannot fill one "
+                          f"accumulation window of {accum}; lower gradient_accumulation_steps")
+    total_steps = total_optimizer_steps(train, steps_per_epoch)
+    optimizer = make_optimizer(model, train)
+    scheduler = get_linear_schedule_with_warmup(
+        optimizer, int(train.warmup_ratio * total_steps), total_steps)
+    sampler = loader.batch_sampler
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    progress, history = Progress(), []
+    if checkpoints is not None and complete_checkpoints(checkpoints):
+        newest = complete_checkpoints(checkpoints)[-1]
+        progress, history = load_checkpoint(accelerator, newest)
+        accelerator.print(f"{desc}: resuming from {newest} (step {progress.step})")
+    _print_plan(accelerator, train, desc, total_steps, steps_per_epoch)
+    bar = tqdm(total=total_steps, initial=progress.step, desc=desc,
+               disable=not accelerator.is_local_main_process)
+    log_window, start = [], time.perf_counter()
+    timer = StepTimer(enabled=train.time_breakdown)
+    stop = StopRequest()
+    model.train()
+    with stop.listening():
+        while progress.step < total_steps:
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(progress.epoch)
+            batches = iter(accelerator.skip_first_batches(loader, progress.batches_in_epoch)
+                           if progress.batches_in_epoch else loader)
+            while progress.step < total_steps:
+                with timer.phase("data"):  # collating reads the cached teacher logits
+                    window = list(islice(batches, accum))
+                if len(window) < accum:
+                    break
+                if hasattr(loss_fn, "set_step"):  # losses on a schedule (temperature, alpha)
+                    loss_fn.set_step(progress.step, total_steps)
+                log_window.append(optimizer_step(model, window, loss_fn, optimizer, scheduler,
+                                                 accelerator, train, timer))
+                timer.end_step()
+                progress.step += 1
+                progress.batches_in_epoch += accum
+                bar.update(1)
+                last = progress.step == total_steps
+                logged = progress.step % train.log_every == 0 or last
+                if logged:
+                    record = _log_record(log_window, accelerator, progress, start, scheduler,
+                                         timer)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}")
+                    history.append(record)
+                    accelerator.log(flat_metrics(record), step=progress.step)
+                    log_window = []
+                if evaluator is not None and evaluator.due(progress.step, last):
+                    history.append(evaluator.run(model, progress, history))
+                every, saved = train.checkpoint_every, None
+                if checkpoints is not None and every and (progress.step % every == 0 or last):
+                    saved = save_checkpoint(accelerator, checkpoints, progress, history,
+                                            train.keep_checkpoints, train.batch_size)
+                if logged and not last and stop.agreed(accelerator):
+                    _stop_here(accelerator, checkpoints, saved, progress, history, train, desc)
+            if progress.step < total_steps:  # the epoch ran out: start the next one
+                progress.epoch += 1
+                progress.batches_in_epoch = 0
+    bar.close()
+    return model, history
+
+
+def _stop_here(accelerator: Accelerator, checkpoints: Path | None, saved: Path | None,
+               progress: Progress, history: list[dict], train: TrainConfig, desc: str) -> None:
+    """Save where the job stands (unless this step was just saved) and leave: a rerun of
+    the same command resumes here."""
+    if saved is None and checkpoints is not None:
+        saved = save_checkpoint(accelerator, checkpoints, progress, history,
+                                train.keep_checkpoints, train.batch_size)
+    raise JobStopped(desc, progress.step, saved)
+
+
+def _print_plan(accelerator: Accelerator, train: TrainConfig, desc: str, total_steps: int,
+                steps_per_epoch: int) -> None:
+    processes = accelerator.num_processes
+    effective = train.batch_size * processes * train.gradient_accumulation_steps
+    accelerator.print(f"{desc}: {total_steps} optimizer steps ({steps_per_epoch} per epoch), "
+                      f"{processes} process(es) ({accelerator.distributed_type.value}), "
+                      f"{train.batch_size} rows per process x {train.gradient_accumulation_steps}"
+                      f" accumulation = effective batch {effective}")
+
+
+def optimizer_step(model, window: list[dict], loss_fn: LossFn, optimizer, scheduler,
+                   accelerator: Accelerator, train: TrainConfig,
+                   timer: StepTimer) -> dict[str, torch.Tensor]:
+    """One optimizer step over a window of micro-batches; returns this process's sums and
+    the step's global row count. (Under DeepSpeed the engine steps its optimizer inside
+    `backward`, so the timer counts that step as backward.)"""
+    rows = reduce_sum(accelerator, torch.stack([valid_rows(b) for b in window]).sum())
+    # Accelerate (or DeepSpeed) divides by the accumulation steps and the all-reduce averages
+    # over processes: undo both, so the gradient is that of sum(loss) / rows.
+    scale = len(window) * accelerator.num_processes / rows.clamp(min=1).float()
+    sums: dict[str, torch.Tensor] = {}
+    for batch in window:
+        with accelerator.accumulate(model):
+            parts = loss_fn(model, batch, timer)
+            with timer.phase("backward"):
+                accelerator.backward(parts["loss"] * scale)
+            with timer.phase("optimizer"):
+                if accelerator.sync_gradients and train.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), train.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+        for name, value in parts.items():
+            sums[name] = sums.get(name, 0.0) + value.detach().float()
+    return {**sums, "rows": rows.float()}
+
+
+def _log_record(window: list[dict], accelerator: Accelerator, progress: Progress,
+                start: float, scheduler, timer: StepTimer) -> dict:
+    """Means per valid row of each loss part over the logged steps (one sync per line), and
+    this process's step-time breakdown over them."""
+    rows = torch.stack([w["rows"] for w in window]).sum()
+    names = [k for k in window[0] if k != "rows"]
+    sums = reduce_sum(accelerator, torch.stack([sum(w[k] for w in window) for k in names]))
+    means = (sums / rows.clamp(min=1)).tolist()
+    record = {"step": progress.step, "epoch": progress.epoch,
+              "seconds": round(time.perf_counter() - start, 2),
+              "lr": scheduler.get_last_lr()[0], **dict(zip(names, means, strict=True))}
+    step_ms, timed_steps = timer.take()
+    if timed_steps:
+        record.update(step_ms=step_ms, timed_steps=timed_steps)
+    return record
+
+
+def save_model(accelerator: Accelerator, model: torch.nn.Module, tokenizer, directory: Path,
+               history: list[dict], submodule: str | None = None) -> None:
+    """Weights (safetensors, ZeRO-3 shards gathered), config, tokenizer and the training log:
+    a directory that `transformers` alone loads. `submodule` saves only that part of the
+    trained module (the student inside StudentWithProjections)."""
+    accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(model)  # a collective under ZeRO-3
+    if accelerator.is_main_process:
+        directory.mkdir(parents=True, exist_ok=True)
+        target = accelerator.unwrap_model(model)
+        if submodule:
+            target = getattr(target, submodule)
+            prefix = submodule + "."
+            state_dict = {k[len(prefix):]: v for k, v in state_dict.items()
+                          if k.startswith(prefix)}
+        target.save_pretrained(str(directory), state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(str(directory))
+        (directory / "training_log.json").write_text(json.dumps(history, indent=1))
+    accelerator.wait_for_everyone()

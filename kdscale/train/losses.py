@@ -1,0 +1,82 @@
+"""The distillation loss as a module: `kdscale.kernels.kd_loss` (the fused kernel on CUDA,
+the reference elsewhere) with the experiment's temperature and alpha."""
+
+from __future__ import annotations
+
+import torch
+
+from kdscale.data.augment import NO_LABEL
+from kdscale.kernels import kd_loss
+
+
+class KDLoss(torch.nn.Module):
+    """alpha * T^2 * KL(softmax(z_t/T) || softmax(z_s/T)) + (1 - alpha) * CE(y, z_s),
+    averaged over the rows whose label is not `ignore_index`."""
+
+    def __init__(self, temperature: float = 2.0, alpha: float = 0.5, ignore_index: int = -100):
+        super().__init__()
+        self.temperature, self.alpha, self.ignore_index = temperature, alpha, ignore_index
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, *,
+                teacher_topk_values: torch.Tensor | None = None,
+                teacher_topk_indices: torch.Tensor | None = None) -> torch.Tensor:
+        return kd_loss(student_logits, teacher_logits, labels,
+                       teacher_topk_values=teacher_topk_values,
+                       teacher_topk_indices=teacher_topk_indices,
+                       temperature=self.temperature, alpha=self.alpha,
+                       ignore_index=self.ignore_index)
+
+    def parts(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None = None,
+              labels: torch.Tensor | None = None, reduction: str = "mean",
+              **teacher_topk: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The total loss and, for logging, its soft (T^2 * KL) and hard (CE) terms. The loss
+        is linear in the two, so they are computed once each and combined, not recomputed;
+        a term with weight 0 is kept out of the graph (and of any 0 * inf). A top-k teacher
+        comes as `teacher_topk_values=` and `teacher_topk_indices=`.
+
+        A row labelled NO_LABEL (an augmented copy, labelled by the teacher only) is a row of
+        the soft term and not of the hard one; a mean is still over all rows, so each row
+        weighs the same: (alpha * T^2 * sum KL + (1 - alpha) * sum of the labelled CE) / rows."""
+        if teacher_logits is None and not teacher_topk:
+            return self._hard_only(student_logits, labels, reduction)
+        labels_for = {"soft": labels, "hard": labels}
+        if labels is not None:
+            unlabelled = labels == NO_LABEL
+            labels_for = {"soft": labels.masked_fill(unlabelled, 0),  # any class: CE has weight 0
+                          "hard": labels.masked_fill(unlabelled, self.ignore_index)}
+        kwargs = {"temperature": self.temperature, "ignore_index": self.ignore_index,
+                  "reduction": "sum" if reduction == "mean" else reduction, **teacher_topk}
+        rows = self._rows(student_logits, labels) if reduction == "mean" else 1
+        terms, loss = {}, 0.0
+        for name, term_alpha, weight in (("soft", 1.0, self.alpha), ("hard", 0.0, 1 - self.alpha)):
+            with torch.set_grad_enabled(weight > 0 and torch.is_grad_enabled()):
+                terms[name] = kd_loss(student_logits, teacher_logits, labels_for[name],
+                                      alpha=term_alpha, **kwargs) / rows
+            if weight > 0:
+                loss = loss + weight * terms[name]
+            terms[name] = terms[name].detach()
+        return {"loss": loss, **terms}
+
+    def _hard_only(self, student_logits: torch.Tensor, labels: torch.Tensor | None,
+                   reduction: str) -> dict[str, torch.Tensor]:
+        """No teacher output (a hard-label run): CE alone, which needs alpha 0 and labels."""
+        if self.alpha != 0 or labels is None:
+            raise ValueError(f"a loss with no teacher output needs alpha 0 and labels, got "
+                             f"alpha {self.alpha} and {'no ' if labels is None else ''}labels")
+        rows = self._rows(student_logits, labels) if reduction == "mean" else 1
+        flat = labels.masked_fill(labels == NO_LABEL, self.ignore_index).reshape(-1)
+        hard = torch.nn.functional.cross_entropy(
+            student_logits.reshape(flat.numel(), -1).float(), flat.to(student_logits.device),
+            ignore_index=self.ignore_index, reduction="none" if reduction == "none" else "sum")
+        hard = hard.reshape(student_logits.shape[:-1]) if reduction == "none" else hard / rows
+        return {"loss": hard, "soft": torch.zeros_like(hard).detach(), "hard": hard.detach()}
+
+    def _rows(self, student_logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """The rows a mean is over (at least 1: no valid row gives a loss of 0, not NaN)."""
+        if labels is None:
+            return torch.tensor(max(student_logits[..., 0].numel(), 1))
+        return (labels != self.ignore_index).sum().clamp(min=1)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, alpha={self.alpha}"

@@ -1,0 +1,47 @@
+"""The training loop's arithmetic: a step's loss is the mean over all valid rows of all its
+micro-batches, so accumulation changes nothing but memory."""
+
+from __future__ import annotations
+
+import torch
+
+from kdscale.config import TrainConfig
+from kdscale.train.accelerator import make_accelerator
+from kdscale.train.loop import train_loop
+
+# Rows 0-3 hold 2 valid labels, rows 4-7 hold 3: per-micro-batch means would weigh them wrong.
+LABELS = torch.tensor([0, 1, -100, -100, -100, 1, 0, 1] * 2)
+
+
+def train(batch_size: int, accumulation: int) -> tuple[torch.Tensor, list[dict]]:
+    settings = TrainConfig(epochs=1, batch_size=batch_size, learning_rate=0.1, warmup_ratio=0.0,
+                           gradient_accumulation_steps=accumulation, max_grad_norm=0.0,
+                           weight_decay=0.0, log_every=1)
+    accelerator = make_accelerator(settings, seed=0)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    features = torch.randn(16, 3, generator=torch.Generator().manual_seed(1))
+    rows = [{"x": features[i], "labels": LABELS[i]} for i in range(16)]
+    loader = torch.utils.data.DataLoader(rows, batch_size=batch_size, collate_fn=lambda batch: {
+        "x": torch.stack([r["x"] for r in batch]),
+        "labels": torch.stack([r["labels"] for r in batch])})
+
+    def step(model, batch, timer):
+        logits = model(batch["x"])
+        return {"loss": torch.nn.functional.cross_entropy(logits, batch["labels"],
+                                                          reduction="sum")}
+
+    model, history = train_loop(model, loader, step, settings, accelerator, desc="test")
+    trained = accelerator.unwrap_model(model)
+    weights = torch.cat([p.detach().flatten() for p in trained.parameters()])
+    return weights, history
+
+
+def test_accumulated_micro_batches_equal_one_batch():
+    whole, whole_history = train(batch_size=8, accumulation=1)
+    split, split_history = train(batch_size=4, accumulation=2)
+    assert len(whole_history) == len(split_history) == 2
+    torch.testing.assert_close(split, whole, rtol=0, atol=1e-6)
+    for a, b in zip(whole_history, split_history, strict=True):
+        assert a["loss"] == b["loss"]
+    assert [h["lr"] for h in split_history] == [0.05, 0.0]  # one scheduler step per step
