@@ -14,8 +14,8 @@
 #          --platform manylinux2014_x86_64 -d .whl deepspeed==X datasets==Y
 #   2. kdscale: an editable install without dependencies or network
 #      (pip install --no-deps --no-build-isolation --no-index -e .), with the setuptools the
-#      machine has. Not PYTHONPATH=.: pyproject.toml maps kdscale.kernels to kernels/, which
-#      only an install provides.
+#      machine has. Not PYTHONPATH=.: pyproject.toml maps kdscale.kernels to
+#      kernels/kdscale_kernels/, which only an install provides.
 #   3. pytest tests/kernels: the tests marked gpu (bf16/fp16, large shapes, torch.compile,
 #      in-place gradient) and the rest of the kernel tests, which run on CUDA too.
 #   4. python -m kdscale.kernels.bench --out OUT_DIR --plot $BENCH_ARGS (default: the full

@@ -5,15 +5,11 @@ from __future__ import annotations
 
 from kdscale.cache import LogitCache
 from kdscale.cache.collator import EnsembleLogitsCollator, TeacherLogitsCollator
-from kdscale.config import Config, ConfigError, StudentConfig, to_dict
+from kdscale.commands.stage import begin_stage, start_accelerator, train_and_save
+from kdscale.config import Config, ConfigError, StudentConfig
 from kdscale.config.intermediate import intermediate_config
 from kdscale.config.model_fields import resolve_layers
-from kdscale.data import check_sources, make_loader
-from kdscale.distributed import (
-    check_launch_deepspeed_config,
-    process_state,
-    uses_deepspeed,
-)
+from kdscale.data import make_loader
 from kdscale.models import (
     build_student,
     check_inputs_fit,
@@ -24,16 +20,12 @@ from kdscale.models import (
     num_layers_of,
     tokenizer_sha256,
 )
-from kdscale.tasks import CacheLayout, Task, get_task
+from kdscale.tasks import CacheLayout, Task
 from kdscale.teacher import check_teacher_deepspeed_config, load_runner, teacher_source
-from kdscale.train.accelerator import make_accelerator
-from kdscale.train.checkpoint import check_resume, checkpoint_root
 from kdscale.train.intermediate import IntermediateLosses
-from kdscale.train.loop import save_model, train_loop
+from kdscale.train.loop import save_model
 from kdscale.train.objective import DistillStep, StudentWithProjections
 from kdscale.train.periodic_eval import PeriodicEval
-from kdscale.train.timing import print_breakdown
-from kdscale.train.tracking import log_dir, start_tracking
 
 
 def open_caches(config: Config, task: Task) -> list[LogitCache]:
@@ -70,26 +62,22 @@ def _check_kind(cache: LogitCache, task: Task, key: str, directory) -> None:
 
 def run_distill(config: Config) -> None:
     # Everything that can be wrong with the inputs is checked before any model is built.
-    check_sources(get_task(config.task).data_config(config))
-    check_launch_deepspeed_config()
+    stage = begin_stage(config, "distill")
     check_student_model(config.student, config.teacher_dir)
     if not config.student.model:
         resolve_layers(config.student.layer_spec, num_layers_of(config.teacher_dir))
     online = teacher_source(config) == "online"
     if online:
         check_teacher_deepspeed_config(config.teacher)
-    task = get_task(config.task)
+    task = stage.task
     caches = open_caches(config, task)
     # Attention maps only come from the eager attention implementation.
     attention = "eager" if config.loss.attention_kl > 0 else None
     tokenizer = load_tokenizer(config.teacher_dir)
     teacher = load_model(config.teacher_dir, "teacher", attention, task.model_class)
     check_inputs_fit(teacher.config, tokenizer, config.data.max_length, "the teacher")
-    state = process_state()
-    check_resume(checkpoint_root(config.output_dir, "distill"), config.distill, "distill",
-                 state.num_processes, uses_deepspeed())
     labels = task.label_names(teacher.config)
-    with state.main_process_first():  # one process tokenizes, the rest read its files
+    with stage.state.main_process_first():  # one process tokenizes, the rest read its files
         train = task.transfer_set(config, tokenizer, labels)
     check_caches(config, caches, train, task.cache_layout(config, teacher.config), tokenizer)
     model = student = build_student(config.student, task.student_source(config.student, teacher))
@@ -98,12 +86,9 @@ def run_distill(config: Config) -> None:
         model = StudentWithProjections(student, IntermediateLosses.from_models(extra, student,
                                                                                teacher))
     del teacher  # its layers are copied; the cache or the runner stands in for its outputs
-    runner = load_runner(config, state, config.distill.batch_size, attention) if online else None
-    # Built after the models: under a ZeRO-3 config, transformers would otherwise load the
-    # teacher already partitioned, and its layers could not be copied.
-    accelerator = make_accelerator(config.distill, config.seed, "distill",
-                                   log_dir(config.output_dir))
-    start_tracking(accelerator, "distill", to_dict(config))
+    runner = (load_runner(config, stage.state, config.distill.batch_size, attention)
+              if online else None)
+    accelerator = start_accelerator(stage)
     loader = train_loader(config, task, train, tokenizer, caches, accelerator.num_processes)
     source = (f"{len(caches)} caches averaged" if len(caches) > 1 else "the cache" if caches
               else f"an online {runner.placement} runner" if runner
@@ -112,14 +97,8 @@ def run_distill(config: Config) -> None:
     submodule = "student" if extra.enabled else None
     evaluator = periodic_eval(config, task, accelerator, tokenizer, labels, submodule)
     step = DistillStep(config.loss, runner, config.cache.ensemble_weights, task)
-    model, history = train_loop(model, loader, step,
-                                config.distill, accelerator, desc="distill student",
-                                checkpoints=checkpoint_root(config.output_dir, "distill"),
-                                evaluator=evaluator)
-    save_model(accelerator, model, tokenizer, config.student_dir, history, submodule=submodule)
-    accelerator.print(f"student saved to {config.student_dir}")
-    print_breakdown(accelerator, history)
-    accelerator.end_training()
+    train_and_save(stage, accelerator, model, loader, step, what="student", tokenizer=tokenizer,
+                   save_to=config.student_dir, evaluator=evaluator, submodule=submodule)
 
 
 def check_caches(config: Config, caches: list[LogitCache], train, layout: CacheLayout,

@@ -6,22 +6,14 @@ from pathlib import Path
 
 import torch
 
-from kdscale.config import Config, ConfigError, to_dict
+from kdscale.commands.stage import begin_stage, start_accelerator, train_and_save
+from kdscale.config import Config, ConfigError
 from kdscale.config.model_fields import resolve_layers
-from kdscale.data import check_sources, make_loader
+from kdscale.data import make_loader
 from kdscale.data.batch import model_inputs
-from kdscale.distributed import (
-    check_launch_deepspeed_config,
-    process_state,
-    uses_deepspeed,
-)
 from kdscale.models import check_inputs_fit, load_tokenizer, num_layers_of
-from kdscale.tasks import Task, get_task
-from kdscale.train.accelerator import make_accelerator
-from kdscale.train.checkpoint import check_resume, checkpoint_root
-from kdscale.train.loop import save_model, train_loop
-from kdscale.train.timing import StepTimer, print_breakdown
-from kdscale.train.tracking import log_dir, start_tracking
+from kdscale.tasks import Task
+from kdscale.train.timing import StepTimer
 
 
 def cross_entropy_step(task: Task):
@@ -50,33 +42,21 @@ def check_teacher_inputs(config: Config) -> None:
 
 
 def run_finetune(config: Config) -> None:
-    check_sources(get_task(config.task).data_config(config))
+    stage = begin_stage(config, "finetune")
     check_teacher_inputs(config)
-    check_launch_deepspeed_config()
-    state = process_state()
-    check_resume(checkpoint_root(config.output_dir, "finetune"), config.finetune, "finetune",
-                 state.num_processes, uses_deepspeed())
     tokenizer = load_tokenizer(config.teacher.tokenizer or config.teacher.model,
                                "teacher.tokenizer" if config.teacher.tokenizer else "teacher.model")
-    task = get_task(config.task)
-    with state.main_process_first():  # one tokenizes, the rest read its files
+    task = stage.task
+    with stage.state.main_process_first():  # one tokenizes, the rest read its files
         train = task.load_split(config, tokenizer, "train")
     teacher = task.new_model(config.teacher, train.label_names)
     check_inputs_fit(teacher.config, tokenizer, config.data.max_length, "the teacher")
     if train.label_names:  # classes or tags; a masked LM's outputs are its vocabulary
         teacher.config.id2label = dict(enumerate(train.label_names))
         teacher.config.label2id = {name: i for i, name in enumerate(train.label_names)}
-    # After the model is built: ZeRO-3 then partitions it in prepare().
-    accelerator = make_accelerator(config.finetune, config.seed, "finetune",
-                                   log_dir(config.output_dir))
-    start_tracking(accelerator, "finetune", to_dict(config))
+    accelerator = start_accelerator(stage)  # after the model: ZeRO-3 partitions it in prepare()
     global_batch = config.finetune.batch_size * accelerator.num_processes
     loader = make_loader(train, global_batch, task.collator(tokenizer), shuffle=True,
                          seed=config.seed)
-    teacher, history = train_loop(teacher, loader, cross_entropy_step(task), config.finetune,
-                                  accelerator, desc="finetune teacher",
-                                  checkpoints=checkpoint_root(config.output_dir, "finetune"))
-    save_model(accelerator, teacher, tokenizer, config.teacher_dir, history)
-    accelerator.print(f"teacher saved to {config.teacher_dir}")
-    print_breakdown(accelerator, history)
-    accelerator.end_training()
+    train_and_save(stage, accelerator, teacher, loader, cross_entropy_step(task), what="teacher",
+                   tokenizer=tokenizer, save_to=config.teacher_dir)

@@ -72,7 +72,8 @@ def _labels(examples: list[dict]) -> torch.Tensor:
     if not isinstance(examples[0]["labels"], list):
         return torch.tensor([e["labels"] for e in examples], dtype=torch.long)
     width = max(len(e["labels"]) for e in examples)
-    return torch.tensor([e["labels"] + [IGNORE_INDEX] * (width - len(e["labels"])) for e in examples],
+    return torch.tensor([e["labels"] + [IGNORE_INDEX] * (width - len(e["labels"]))
+                         for e in examples],
                         dtype=torch.long)
 
 

@@ -3,6 +3,7 @@
 from kdscale.models.identity import (
     checkpoint_sha256,
     count_parameters,
+    parameters_in_config,
     tokenizer_sha256,
     weights_sha256,
 )
@@ -20,5 +21,5 @@ from kdscale.models.students import build_student, check_student_model, student_
 
 __all__ = ["CheckpointError", "build_student", "check_inputs_fit", "check_student_model",
            "checkpoint_errors", "checkpoint_sha256", "count_parameters", "label_names",
-           "load_model", "load_tokenizer", "num_layers_of", "require_checkpoint",
-           "student_from_teacher", "tokenizer_sha256", "weights_sha256"]
+           "load_model", "load_tokenizer", "num_layers_of", "parameters_in_config",
+           "require_checkpoint", "student_from_teacher", "tokenizer_sha256", "weights_sha256"]

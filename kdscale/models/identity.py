@@ -55,3 +55,11 @@ def tokenizer_sha256(tokenizer) -> str:
     else:
         digest.update(f"lower={getattr(tokenizer, 'do_lower_case', None)}".encode())
     return digest.hexdigest()
+
+
+def parameters_in_config(model_config, model_class) -> int:
+    """Parameters of a model of this config and class, built on the meta device: no weights
+    are read or allocated (a BERT-large count takes a second)."""
+    with torch.device("meta"):
+        model = model_class.from_config(model_config)
+    return sum(p.numel() for p in model.parameters())

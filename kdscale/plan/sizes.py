@@ -7,11 +7,11 @@ import copy
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from transformers import AutoConfig, AutoModelForSequenceClassification, PretrainedConfig
+from transformers import AutoConfig, PretrainedConfig
 
 from kdscale.config import Config, ConfigError
 from kdscale.config.model_fields import resolve_layers, teacher_config_from_dict
+from kdscale.models import parameters_in_config
 from kdscale.tasks import get_task
 
 ASSUMED_LABELS = 2  # before fine-tuning the class count is the data's; the head is tiny
@@ -33,8 +33,8 @@ def model_sizes(config: Config) -> ModelSizes:
     teacher, source = teacher_model_config(config)
     student = student_model_config(config, teacher)
     model_class = get_task(config.task).model_class  # the head differs by task
-    return ModelSizes(source, count_parameters(teacher, model_class), teacher.num_hidden_layers,
-                      count_parameters(student, model_class), student.num_hidden_layers,
+    return ModelSizes(source, parameters_in_config(teacher, model_class), teacher.num_hidden_layers,
+                      parameters_in_config(student, model_class), student.num_hidden_layers,
                       student.hidden_size, student.num_attention_heads, teacher.num_labels)
 
 
@@ -69,8 +69,3 @@ def _read(name_or_dir: str | Path, key: str) -> PretrainedConfig:
                           f"expected a local model directory or a reachable hub name") from None
 
 
-def count_parameters(model_config: PretrainedConfig,
-                     model_class=AutoModelForSequenceClassification) -> int:
-    with torch.device("meta"):
-        model = model_class.from_config(model_config)
-    return sum(p.numel() for p in model.parameters())

@@ -19,6 +19,7 @@ from kdscale import configs
 from kdscale.config import Config, ConfigError, TeacherConfig
 from kdscale.config.intermediate import intermediate_config
 from kdscale.config.schedules import Schedule
+from kdscale.models import parameters_in_config
 
 DEEPSPEED_CONFIGS = {"zero3": "deepspeed/teacher_zero3.json",
                      "zero3_offload": "deepspeed/teacher_zero3_offload.json"}
@@ -52,11 +53,8 @@ def compute_dtype(precision: str) -> torch.dtype:
 
 
 def parameter_count(checkpoint: str | Path, model_class=AutoModelForSequenceClassification) -> int:
-    """The teacher's parameters, counted from its config on the meta device (no weights read)."""
-    config = AutoConfig.from_pretrained(str(checkpoint))
-    with torch.device("meta"):
-        model = model_class.from_config(config)
-    return sum(p.numel() for p in model.parameters())
+    """The teacher's parameters, counted from its saved config alone (no weights read)."""
+    return parameters_in_config(AutoConfig.from_pretrained(str(checkpoint)), model_class)
 
 
 def free_memory_per_process(local_processes: int) -> int:

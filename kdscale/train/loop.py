@@ -80,69 +80,91 @@ def train_loop(model: torch.nn.Module, loader: torch.utils.data.DataLoader, loss
         optimizer, int(train.warmup_ratio * total_steps), total_steps)
     sampler = loader.batch_sampler
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
-    progress, history = Progress(), []
-    if checkpoints is not None and complete_checkpoints(checkpoints):
-        newest = complete_checkpoints(checkpoints)[-1]
-        progress, history = load_checkpoint(accelerator, newest)
-        accelerator.print(f"{desc}: resuming from {newest} (step {progress.step})")
+    run = _Run(accelerator, train, desc, total_steps, scheduler, checkpoints, evaluator)
     _print_plan(accelerator, train, desc, total_steps, steps_per_epoch)
-    bar = tqdm(total=total_steps, initial=progress.step, desc=desc,
-               disable=not accelerator.is_local_main_process)
-    log_window, start = [], time.perf_counter()
-    timer = StepTimer(enabled=train.time_breakdown)
-    stop = StopRequest()
+    progress = run.progress
     model.train()
-    with stop.listening():
+    with run.stop.listening():
         while progress.step < total_steps:
             if hasattr(sampler, "set_epoch"):
                 sampler.set_epoch(progress.epoch)
             batches = iter(accelerator.skip_first_batches(loader, progress.batches_in_epoch)
                            if progress.batches_in_epoch else loader)
             while progress.step < total_steps:
-                with timer.phase("data"):  # collating reads the cached teacher logits
+                with run.timer.phase("data"):  # collating reads the cached teacher logits
                     window = list(islice(batches, accum))
                 if len(window) < accum:
                     break
                 if hasattr(loss_fn, "set_step"):  # losses on a schedule (temperature, alpha)
                     loss_fn.set_step(progress.step, total_steps)
-                log_window.append(optimizer_step(model, window, loss_fn, optimizer, scheduler,
-                                                 accelerator, train, timer))
-                timer.end_step()
-                progress.step += 1
-                progress.batches_in_epoch += accum
-                bar.update(1)
-                last = progress.step == total_steps
-                logged = progress.step % train.log_every == 0 or last
-                if logged:
-                    record = _log_record(log_window, accelerator, progress, start, scheduler,
-                                         timer)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}")
-                    history.append(record)
-                    accelerator.log(flat_metrics(record), step=progress.step)
-                    log_window = []
-                if evaluator is not None and evaluator.due(progress.step, last):
-                    history.append(evaluator.run(model, progress, history))
-                every, saved = train.checkpoint_every, None
-                if checkpoints is not None and every and (progress.step % every == 0 or last):
-                    saved = save_checkpoint(accelerator, checkpoints, progress, history,
-                                            train.keep_checkpoints, train.batch_size)
-                if logged and not last and stop.agreed(accelerator):
-                    _stop_here(accelerator, checkpoints, saved, progress, history, train, desc)
+                sums = optimizer_step(model, window, loss_fn, optimizer, scheduler, accelerator,
+                                      train, run.timer)
+                run.after_step(model, sums)
             if progress.step < total_steps:  # the epoch ran out: start the next one
                 progress.epoch += 1
                 progress.batches_in_epoch = 0
-    bar.close()
-    return model, history
+    run.bar.close()
+    return model, run.history
 
 
-def _stop_here(accelerator: Accelerator, checkpoints: Path | None, saved: Path | None,
-               progress: Progress, history: list[dict], train: TrainConfig, desc: str) -> None:
-    """Save where the job stands (unless this step was just saved) and leave: a rerun of
-    the same command resumes here."""
-    if saved is None and checkpoints is not None:
-        saved = save_checkpoint(accelerator, checkpoints, progress, history,
-                                train.keep_checkpoints, train.batch_size)
-    raise JobStopped(desc, progress.step, saved)
+class _Run:
+    """What one `train_loop` carries from step to step, and what follows each optimizer step:
+    logging, evaluation, checkpointing and a stop that every process agrees on."""
+
+    def __init__(self, accelerator: Accelerator, train: TrainConfig, desc: str,
+                 total_steps: int, scheduler, checkpoints: Path | None,
+                 evaluator: PeriodicEval | None):
+        self.accelerator, self.train, self.desc = accelerator, train, desc
+        self.total_steps, self.scheduler = total_steps, scheduler
+        self.checkpoints, self.evaluator = checkpoints, evaluator
+        self.progress, self.history = Progress(), []
+        if checkpoints is not None and complete_checkpoints(checkpoints):
+            newest = complete_checkpoints(checkpoints)[-1]
+            self.progress, self.history = load_checkpoint(accelerator, newest)
+            accelerator.print(f"{desc}: resuming from {newest} (step {self.progress.step})")
+        self.bar = tqdm(total=total_steps, initial=self.progress.step, desc=desc,
+                        disable=not accelerator.is_local_main_process)
+        self.log_window, self.start = [], time.perf_counter()
+        self.timer = StepTimer(enabled=train.time_breakdown)
+        self.stop = StopRequest()
+
+    def after_step(self, model: torch.nn.Module, sums: dict[str, torch.Tensor]) -> None:
+        self.log_window.append(sums)
+        self.timer.end_step()
+        progress = self.progress
+        progress.step += 1
+        progress.batches_in_epoch += self.train.gradient_accumulation_steps
+        self.bar.update(1)
+        last = progress.step == self.total_steps
+        logged = progress.step % self.train.log_every == 0 or last
+        if logged:
+            self._log()
+        if self.evaluator is not None and self.evaluator.due(progress.step, last):
+            self.history.append(self.evaluator.run(model, progress, self.history))
+        every, saved = self.train.checkpoint_every, None
+        if self.checkpoints is not None and every and (progress.step % every == 0 or last):
+            saved = self._save_checkpoint()
+        if logged and not last and self.stop.agreed(self.accelerator):
+            self._stop_here(saved)
+
+    def _log(self) -> None:
+        record = _log_record(self.log_window, self.accelerator, self.progress, self.start,
+                             self.scheduler, self.timer)
+        self.bar.set_postfix(loss=f"{record['loss']:.4f}")
+        self.history.append(record)
+        self.accelerator.log(flat_metrics(record), step=self.progress.step)
+        self.log_window = []
+
+    def _save_checkpoint(self) -> Path:
+        return save_checkpoint(self.accelerator, self.checkpoints, self.progress, self.history,
+                               self.train.keep_checkpoints, self.train.batch_size)
+
+    def _stop_here(self, saved: Path | None) -> None:
+        """Save where the job stands (unless this step was just saved) and leave: a rerun
+        of the same command resumes here."""
+        if saved is None and self.checkpoints is not None:
+            saved = self._save_checkpoint()
+        raise JobStopped(self.desc, self.progress.step, saved)
 
 
 def _print_plan(accelerator: Accelerator, train: TrainConfig, desc: str, total_steps: int,

@@ -128,7 +128,8 @@ def test_launched_processes_train_one_model(tmp_path):
     """Two processes under `accelerate launch` on CPU share the data and all-reduce their
     gradients (Accelerate falls back to independent training unless told cpu and gloo)."""
     out = tmp_path / "sync.json"
-    result = accelerate_launch(Path(__file__).parents[1] / "support" / "scripts" / "ddp_sync.py", str(out),
+    script = Path(__file__).parents[1] / "support" / "scripts" / "ddp_sync.py"
+    result = accelerate_launch(script, str(out),
                                cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     sync = json.loads(out.read_text())

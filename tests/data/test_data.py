@@ -43,7 +43,8 @@ def texts_of(tokenizer, data):
 @pytest.mark.parametrize("ext", ["tsv", "csv", "jsonl"])
 def test_local_file_formats(tmp_path, tokenizer, ext):
     rows = ROWS if ext != "csv" else [r for r in ROWS if '"' not in r[0]]
-    data = tokenize_labelled(config(write_rows(tmp_path / f"train.{ext}", rows)), tokenizer, "train")
+    path = write_rows(tmp_path / f"train.{ext}", rows)
+    data = tokenize_labelled(config(path), tokenizer, "train")
     assert data.label_names == ["0", "1"] and data.num_labels == 2
     assert data.dataset["labels"] == [label for _, label in rows]
     assert data.dataset["example_id"] == list(range(len(rows)))
@@ -116,9 +117,10 @@ def test_string_labels_sorted_and_reused_for_eval(tmp_path, tokenizer):
     # Only "pos" in the eval file would map to 0 on its own; the train mapping keeps it 1.
     only_pos = write_rows(tmp_path / "pos.jsonl", [("fresh", "pos")])
     cfg.eval_file = str(only_pos)
-    assert tokenize_labelled(cfg, tokenizer, "eval", train_data.label_names).dataset["labels"] == [1]
+    names = train_data.label_names
+    assert tokenize_labelled(cfg, tokenizer, "eval", names).dataset["labels"] == [1]
     cfg.eval_file = str(dev)
-    assert tokenize_labelled(cfg, tokenizer, "eval", train_data.label_names).dataset["labels"] == [0, 1]
+    assert tokenize_labelled(cfg, tokenizer, "eval", names).dataset["labels"] == [0, 1]
 
 
 def test_eval_label_unseen_in_train(tmp_path, tokenizer):
@@ -139,7 +141,8 @@ def test_example_id_stable_and_max_train_examples(tmp_path, tokenizer):
     assert head.dataset["example_id"] == [0, 1, 2]
     assert head.dataset["input_ids"] == first.dataset["input_ids"][:3]
     # max_eval_examples does not touch the train split
-    assert len(tokenize_labelled(config(path, max_eval_examples=1), tokenizer, "train").dataset) == len(ROWS)
+    head = tokenize_labelled(config(path, max_eval_examples=1), tokenizer, "train")
+    assert len(head.dataset) == len(ROWS)
 
 
 def test_fingerprint(tmp_path, tokenizer):
