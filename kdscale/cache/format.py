@@ -30,7 +30,7 @@ can refuse a cache that does not match, and every shard's name, rows, examples, 
 
 Every file is written under a temporary name in the same directory, fsynced, then renamed over
 its final name, so a crash never leaves a half-written file under a final name (see
-`kdscale.cache.files`).
+`kdscale.files`).
 """
 
 from __future__ import annotations

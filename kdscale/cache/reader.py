@@ -18,7 +18,6 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from kdscale.cache.files import sha256_file
 from kdscale.cache.format import (
     DTYPES,
     CacheError,
@@ -27,6 +26,7 @@ from kdscale.cache.format import (
     read_header,
     read_manifest,
 )
+from kdscale.files import sha256_file
 
 # safetensors dtype code -> numpy dtype; bfloat16 has none, so it is mapped as raw uint16
 _NP_DTYPES = {"F16": np.float16, "F32": np.float32, "BF16": np.uint16, "I32": np.int32,

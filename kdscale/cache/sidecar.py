@@ -15,7 +15,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-from kdscale.cache.files import write_json_atomic
 from kdscale.cache.format import (
     MANIFEST_NAME,
     OVERWRITE,
@@ -26,6 +25,7 @@ from kdscale.cache.format import (
     shard_plan_id,
     sidecar_name,
 )
+from kdscale.files import write_json_atomic
 
 _SIDECAR_KEYS = ("file", "index", "rows", "examples", "sha256", "bytes", "plan_id")
 

@@ -20,7 +20,6 @@ from typing import Any
 import safetensors.torch
 import torch
 
-from kdscale.cache.files import write_bytes_atomic, write_json_atomic
 from kdscale.cache.format import (
     MANIFEST_NAME,
     OVERWRITE,
@@ -38,6 +37,7 @@ from kdscale.cache.format import (
 from kdscale.cache.reader import open_shards
 from kdscale.cache.rows import shard_tensors
 from kdscale.cache.sidecar import finished_shards, remove_sidecar, write_sidecar
+from kdscale.files import write_bytes_atomic, write_json_atomic
 
 
 def write_shard(

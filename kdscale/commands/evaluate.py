@@ -13,7 +13,9 @@ from kdscale.config import Config
 from kdscale.data import TaskData, check_sources, make_loader
 from kdscale.data.batch import model_inputs
 from kdscale.distributed import process_state
+from kdscale.files import check_writable
 from kdscale.models import (
+    CheckpointError,
     check_inputs_fit,
     count_parameters,
     load_model,
@@ -58,9 +60,19 @@ def median_length_batch(loader) -> dict:
     return batches[len(batches) // 2]
 
 
+def check_finite(model: torch.nn.Module, what: str) -> None:
+    """A model with NaN or infinite weights scores like chance; its report would mislead."""
+    bad = [name for name, param in model.named_parameters() if not torch.isfinite(param).all()]
+    if bad:
+        raise CheckpointError(f"{what} holds weights that are not finite ({', '.join(bad[:3])}"
+                              f"{', ...' if len(bad) > 3 else ''}); expected a trained model: "
+                              f"retrain it")
+
+
 def run_eval(config: Config) -> dict | None:
     """Evaluate on the main process (the eval split is small); returns the report there."""
     check_sources(get_task(config.task).data_config(config))
+    check_writable(config.output_dir, "output_dir")  # the report goes there, after the work
     state = process_state()
     report = evaluate_and_report(config) if state.is_main_process else None
     state.wait_for_everyone()
@@ -72,8 +84,10 @@ def evaluate_and_report(config: Config) -> dict:
     tokenizer = load_tokenizer(config.teacher_dir)
     teacher = load_model(config.teacher_dir, "teacher", model_class=task.model_class)
     student = load_model(config.student_dir, "student", model_class=task.model_class)
-    for name, model in (("the teacher", teacher), ("the student", student)):
+    for name, model, directory in (("the teacher", teacher, config.teacher_dir),
+                                   ("the student", student, config.student_dir)):
         check_inputs_fit(model.config, tokenizer, config.data.max_length, name)
+        check_finite(model, f"{name} ({directory})")
     eval_data = task.load_split(config, tokenizer, "eval", task.label_names(teacher.config))
     loader = make_loader(eval_data, config.eval.batch_size, task.collator(tokenizer),
                          shuffle=False)

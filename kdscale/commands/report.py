@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import platform
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import torch
 
 from kdscale.config import Config, to_dict
+from kdscale.files import OutputError, write_files_atomic
 from kdscale.train.periodic_eval import best_eval
 from kdscale.train.timing import PHASES, overall_breakdown
 
@@ -121,13 +123,21 @@ def markdown(report: dict) -> str:
 def write_report(report: dict, output_dir: str | Path) -> None:
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "report.json").write_text(json.dumps(report, indent=1))
-    (output_dir / "report.md").write_text(markdown(report))
-    plot(report, output_dir / "report.png")
+    image = io.BytesIO()
+    plot(report, image)
+    files = {output_dir / "report.json": json.dumps(report, indent=1).encode(),
+             output_dir / "report.md": markdown(report).encode(),
+             output_dir / "report.png": image.getvalue()}
+    try:
+        write_files_atomic(files)  # all three or none: the previous report stays whole
+    except OSError as err:
+        raise OutputError(f"could not write the report in {output_dir}: {err.strerror or err} "
+                          f"(is the disk full?); the previous report is kept") from None
     print(f"report written to {output_dir}/report.{{json,md,png}}")
 
 
-def plot(report: dict, path: Path) -> None:
+def plot(report: dict, path) -> None:
+    """Training curves and the accuracy comparison, as PNG, to a path or a binary file."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -150,5 +160,5 @@ def plot(report: dict, path: Path) -> None:
     bars.set(ylim=(0, 1.05), ylabel=f"eval {title}",
              title=f"{title[0].upper()}{title[1:]} (retention {report['retention']:.1%})")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)

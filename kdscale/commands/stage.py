@@ -13,6 +13,7 @@ from accelerate import Accelerator, PartialState
 from kdscale.config import Config, TrainConfig, to_dict
 from kdscale.data import check_sources
 from kdscale.distributed import check_launch_deepspeed_config, process_state, uses_deepspeed
+from kdscale.files import check_writable
 from kdscale.tasks import Task, get_task
 from kdscale.train.accelerator import make_accelerator
 from kdscale.train.checkpoint import check_resume, checkpoint_root
@@ -43,6 +44,9 @@ def begin_stage(config: Config, name: str) -> Stage:
     under other launch settings), then this process's place in the launch."""
     task = get_task(config.task)
     check_sources(task.data_config(config))
+    check_writable(config.output_dir, "output_dir")
+    if name == "finetune":
+        check_writable(config.teacher_dir.parent, "teacher.checkpoint")
     check_launch_deepspeed_config()
     state = process_state()
     stage = Stage(name, config, task, state)
@@ -66,7 +70,7 @@ def train_and_save(stage: Stage, accelerator: Accelerator, model: torch.nn.Modul
     step time went."""
     model, history = train_loop(model, loader, loss_fn, stage.settings, accelerator,
                                 desc=f"{stage.name} {what}", checkpoints=stage.checkpoints,
-                                evaluator=evaluator)
+                                evaluator=evaluator, section=stage.name)
     save_model(accelerator, model, tokenizer, save_to, history, submodule=submodule)
     accelerator.print(f"{what} saved to {save_to}")
     print_breakdown(accelerator, history)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -133,13 +134,12 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
         if value is None:
             return None
     elif kind is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads 1e-5 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
+        number = _float(value)
+        if number is not None and not math.isfinite(number):
+            # .inf passes every "> 0" check, and .nan every comparison's negation.
+            raise ConfigError(f"{key}: expected a finite number, got {number}")
+        if number is not None:
+            return number
     elif kind is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -147,6 +147,17 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
         if isinstance(value, kind):
             return value
     raise ConfigError(f"{key}: expected {_describe(kind)}, got {value!r}")
+
+
+def _float(value: Any) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):  # YAML reads 1e-5 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
 
 
 def _describe(kind: Any) -> str:

@@ -29,11 +29,12 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from safetensors import SafetensorError
 
-from kdscale.cache.files import write_json_atomic
 from kdscale.config import TrainConfig
 from kdscale.distributed import timed_out
 from kdscale.errors import KdscaleError
+from kdscale.files import write_json_atomic
 
 COMPLETE = "COMPLETE"
 _NAME = re.compile(r"step-(\d{8})")
@@ -93,7 +94,7 @@ def save_checkpoint(accelerator: Accelerator, root: Path, progress: Progress,
             write_json_atomic(path / "trainer_state.json", state)
             (path / COMPLETE).write_text(f"step {progress.step}\n")
             _prune(root, keep)
-    except (OSError, RuntimeError) as err:
+    except (OSError, RuntimeError, SafetensorError) as err:
         # A full disk or a file size limit (torch.save reports it as a RuntimeError): the
         # checkpoint has no COMPLETE marker, so it is never loaded; say so in one line.
         if timed_out(err):  # a collective timeout keeps its own message (kdscale.cli)

@@ -18,18 +18,21 @@ from typing import TYPE_CHECKING
 
 import torch
 from accelerate import Accelerator
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from kdscale.config import ConfigError, TrainConfig
 from kdscale.data.batch import valid_rows
 from kdscale.distributed import reduce_sum
+from kdscale.files import OutputError, replace_directory
 from kdscale.train.checkpoint import (
     Progress,
     complete_checkpoints,
     load_checkpoint,
     save_checkpoint,
 )
+from kdscale.train.guard import check_step_finite, check_weights_finite
 from kdscale.train.stopping import JobStopped, StopRequest
 from kdscale.train.timing import StepTimer
 from kdscale.train.tracking import flat_metrics
@@ -63,11 +66,13 @@ def make_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.Op
 
 def train_loop(model: torch.nn.Module, loader: torch.utils.data.DataLoader, loss_fn: LossFn,
                train: TrainConfig, accelerator: Accelerator, desc: str,
-               checkpoints: Path | None = None,
-               evaluator: PeriodicEval | None = None) -> tuple[torch.nn.Module, list[dict]]:
+               checkpoints: Path | None = None, evaluator: PeriodicEval | None = None,
+               section: str = "train") -> tuple[torch.nn.Module, list[dict]]:
     """Train `model` on `loader` (global batches; see make_accelerator). With `checkpoints`,
     save there every `train.checkpoint_every` steps and resume from the newest complete one;
     with `evaluator`, evaluate every `train.eval_every` steps and keep the best model.
+    `section` names the config section of `train` in messages. A loss that is not finite
+    stops the job (`NonFiniteError`) before anything is saved from it.
     Returns the prepared model and the logged history (loss records and eval records)."""
     accum = train.gradient_accumulation_steps
     steps_per_epoch = len(loader) // accum  # an epoch's incomplete last window is dropped
@@ -80,7 +85,7 @@ def train_loop(model: torch.nn.Module, loader: torch.utils.data.DataLoader, loss
         optimizer, int(train.warmup_ratio * total_steps), total_steps)
     sampler = loader.batch_sampler
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
-    run = _Run(accelerator, train, desc, total_steps, scheduler, checkpoints, evaluator)
+    run = _Run(accelerator, train, desc, total_steps, scheduler, checkpoints, evaluator, section)
     _print_plan(accelerator, train, desc, total_steps, steps_per_epoch)
     progress = run.progress
     model.train()
@@ -113,8 +118,8 @@ class _Run:
 
     def __init__(self, accelerator: Accelerator, train: TrainConfig, desc: str,
                  total_steps: int, scheduler, checkpoints: Path | None,
-                 evaluator: PeriodicEval | None):
-        self.accelerator, self.train, self.desc = accelerator, train, desc
+                 evaluator: PeriodicEval | None, section: str):
+        self.accelerator, self.train, self.desc, self.section = accelerator, train, desc, section
         self.total_steps, self.scheduler = total_steps, scheduler
         self.checkpoints, self.evaluator = checkpoints, evaluator
         self.progress, self.history = Progress(), []
@@ -127,11 +132,15 @@ class _Run:
         self.log_window, self.start = [], time.perf_counter()
         self.timer = StepTimer(enabled=train.time_breakdown)
         self.stop = StopRequest()
+        self.first_step = self.progress.step + 1
 
     def after_step(self, model: torch.nn.Module, sums: dict[str, torch.Tensor]) -> None:
+        progress = self.progress
+        check_step_finite(self.accelerator, sums, step=progress.step + 1,
+                          first_step=self.first_step, section=self.section,
+                          learning_rate=self.train.learning_rate, desc=self.desc)
         self.log_window.append(sums)
         self.timer.end_step()
-        progress = self.progress
         progress.step += 1
         progress.batches_in_epoch += self.train.gradient_accumulation_steps
         self.bar.update(1)
@@ -143,9 +152,9 @@ class _Run:
             self.history.append(self.evaluator.run(model, progress, self.history))
         every, saved = self.train.checkpoint_every, None
         if self.checkpoints is not None and every and (progress.step % every == 0 or last):
-            saved = self._save_checkpoint()
+            saved = self._save_checkpoint(model)
         if logged and not last and self.stop.agreed(self.accelerator):
-            self._stop_here(saved)
+            self._stop_here(model, saved)
 
     def _log(self) -> None:
         record = _log_record(self.log_window, self.accelerator, self.progress, self.start,
@@ -155,15 +164,17 @@ class _Run:
         self.accelerator.log(flat_metrics(record), step=self.progress.step)
         self.log_window = []
 
-    def _save_checkpoint(self) -> Path:
+    def _save_checkpoint(self, model: torch.nn.Module) -> Path:
+        step = self.progress.step
+        check_weights_finite(self.accelerator, model, f"the checkpoint of step {step}")
         return save_checkpoint(self.accelerator, self.checkpoints, self.progress, self.history,
                                self.train.keep_checkpoints, self.train.batch_size)
 
-    def _stop_here(self, saved: Path | None) -> None:
+    def _stop_here(self, model: torch.nn.Module, saved: Path | None) -> None:
         """Save where the job stands (unless this step was just saved) and leave: a rerun
         of the same command resumes here."""
         if saved is None and self.checkpoints is not None:
-            saved = self._save_checkpoint()
+            saved = self._save_checkpoint(model)
         raise JobStopped(self.desc, self.progress.step, saved)
 
 
@@ -227,16 +238,36 @@ def save_model(accelerator: Accelerator, model: torch.nn.Module, tokenizer, dire
     a directory that `transformers` alone loads. `submodule` saves only that part of the
     trained module (the student inside StudentWithProjections)."""
     accelerator.wait_for_everyone()
+    check_weights_finite(accelerator, model, str(directory))
     state_dict = accelerator.get_state_dict(model)  # a collective under ZeRO-3
+    failure = None
     if accelerator.is_main_process:
-        directory.mkdir(parents=True, exist_ok=True)
-        target = accelerator.unwrap_model(model)
-        if submodule:
-            target = getattr(target, submodule)
-            prefix = submodule + "."
-            state_dict = {k[len(prefix):]: v for k, v in state_dict.items()
-                          if k.startswith(prefix)}
-        target.save_pretrained(str(directory), state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(str(directory))
-        (directory / "training_log.json").write_text(json.dumps(history, indent=1))
+        try:
+            _write_model(accelerator, model, tokenizer, Path(directory), history, state_dict,
+                         submodule)
+        except (OSError, SafetensorError) as err:
+            failure = getattr(err, "strerror", None) or str(err).strip().splitlines()[0]
+    # Every process learns of a failed write, rather than waiting for the main one.
+    failed = reduce_sum(accelerator, torch.tensor(float(failure is not None),
+                                                  device=accelerator.device)).item()
+    if failed:
+        raise OutputError(f"could not write {directory}: {failure or 'on the main process'} "
+                          f"(is the disk full or the folder read-only?); the previous one, if "
+                          f"any, is kept")
     accelerator.wait_for_everyone()
+
+
+def _write_model(accelerator: Accelerator, model: torch.nn.Module, tokenizer, directory: Path,
+                 history: list[dict], state_dict: dict, submodule: str | None) -> None:
+    target = accelerator.unwrap_model(model)
+    if submodule:
+        target = getattr(target, submodule)
+        prefix = submodule + "."
+        state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+    def build(folder: Path) -> None:
+        target.save_pretrained(str(folder), state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(str(folder))
+        (folder / "training_log.json").write_text(json.dumps(history, indent=1))
+
+    replace_directory(directory, build)  # the previous model stays whole until then

@@ -18,7 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 STOP_FILE_VARIABLE = "KDSCALE_STOP_FILE"
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# SIGINT too: Ctrl-C in a terminal saves a checkpoint like a preemption (twice: stop now).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 # Exit status of a job stopped on request with its checkpoint saved: not a success (the
 # next stage must not start), not a failure (the rerun resumes).
 EXIT_STOPPED = 3

@@ -116,6 +116,14 @@ def damaged_teacher(p, tmp):
     return {"teacher": {"checkpoint": str(teacher)}}, []
 
 
+def fresh_run(**distill):
+    """A new output folder holding a good student already (a run that trains from step 0)."""
+    def setup(p, tmp):
+        copy_tree(p / "run" / "student", tmp / "fresh" / "student")
+        return {"output_dir": str(tmp / "fresh"), "distill": distill}, []
+    return setup
+
+
 CLASSIFIER = "classifier.weight"
 CASES = {
     # configs
@@ -171,6 +179,10 @@ CASES = {
                            "the tokenizer has 114 tokens but the teacher embeds only 50"),
     "student of another vocab": Case("distill", pretrained_student,
                                      "has a vocabulary of 50 tokens, the teacher 114"),
+    "student of NaN weights (eval)": Case("eval", lambda p, tmp: ({"output_dir": str(
+        resave_teacher(p / "run" / "student", tmp / "nan" / "student", set_(
+            "bert.encoder.layer.0.output.dense.weight", float("nan"))).parent)}, []),
+        "the student ({tmp}/nan/student) holds weights that are not finite"),
     "eval before distill": Case("eval", sections(output_dir="elsewhere"),
                                 "student checkpoint elsewhere/student has no config.json"),
     # caches
@@ -200,6 +212,20 @@ CASES = {
     "NaN logits in a cache": Case("distill", lambda p, tmp: (cache_copy(nan_logits)(p, tmp)[0]
                                                              | {"distill": {"max_steps": 3}}, []),
                                   "holds NaN or inf teacher logits for example ids"),
+    # training that is not finite: stopped before a checkpoint or a model is written
+    "learning rate .inf": Case("config", overrides("--distill.learning_rate", ".inf"),
+                               "distill.learning_rate: expected a finite number, got inf"),
+    "weight decay -.inf": Case("config", sections(finetune={"weight_decay": float("-inf")}),
+                               "finetune.weight_decay: expected a finite number, got -inf"),
+    "epochs .inf": Case("config", sections(distill={"epochs": float("inf")}),
+                        "distill.epochs: expected a finite number, got inf"),
+    "diverging learning rate (distill)": Case(
+        "distill", fresh_run(learning_rate=5e4, max_steps=6),
+        "the weights diverged: expected a smaller distill.learning_rate (now 50000)"),
+    "diverging learning rate (finetune)": Case(
+        "finetune", lambda p, tmp: (finetune(lambda p, tmp: {})(p, tmp)[0] | {"finetune": {
+            "learning_rate": 1e6, "max_steps": 8, "report_to": "none"}}, []),
+        "expected a smaller finetune.learning_rate (now 1e+06)"),
     # launch settings and checkpoints
     "DeepSpeed bad value": Case("distill", launch_deepspeed(
         '{"train_micro_batch_size_per_gpu": 0}'),
@@ -232,7 +258,8 @@ CASES = {
                                      "trainer_state.json is missing or damaged"),
 }
 # Rows that fail while running (a cache's first batch): files may be added, none changed.
-LATE = {"NaN logits in a cache"}
+LATE = {"NaN logits in a cache", "diverging learning rate (distill)",
+        "diverging learning rate (finetune)"}
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -296,3 +323,20 @@ def test_the_command_line_prints_the_error_without_a_traceback(pipe, tmp_path, c
     err = capsys.readouterr().err
     assert "data.max_length: expected at most 32" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_diverging_run_leaves_only_finite_checkpoints(pipe, tmp_path):
+    """The learning rate typo of a user (5e4 for 5e-4): the job stops at the first step whose
+    loss is not finite, and every checkpoint it wrote before holds finite weights."""
+    out = tmp_path / "run"
+    config = write_experiment(pipe, tmp_path / "experiment.yaml", output_dir=str(out),
+                              distill={"learning_rate": 5e4, "max_steps": 6})
+    with pytest.raises(KdscaleError, match=r"not finite at step \d") as raised:
+        run_command("distill", config)
+    stopped_at = int(str(raised.value).split("at step ")[1].split()[0])
+    written = sorted((out / "checkpoints" / "distill").glob("step-*"))
+    assert [int(p.name.split("-")[1]) for p in written] == list(range(1, stopped_at))[-2:]
+    for checkpoint in written:
+        weights = load_file(checkpoint / "model.safetensors")
+        assert all(torch.isfinite(w).all() for w in weights.values()), checkpoint
+    assert not (out / "student").exists()

@@ -17,7 +17,7 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from kdscale.cache import read_manifest
-from kdscale.cache.files import sha256_file
+from kdscale.files import sha256_file
 from kdscale.cache.format import MANIFEST_NAME
 from kdscale.cache.sidecar import finished_shards
 from kdscale.train.checkpoint import COMPLETE, complete_checkpoints
