@@ -17,9 +17,9 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from kdscale.cache import read_manifest
-from kdscale.files import sha256_file
 from kdscale.cache.format import MANIFEST_NAME
 from kdscale.cache.sidecar import finished_shards
+from kdscale.files import sha256_file
 from kdscale.train.checkpoint import COMPLETE, complete_checkpoints
 
 CHECKPOINT_WEIGHTS = "model.safetensors"  # what Accelerate.save_state writes for the model
