@@ -8,8 +8,11 @@ crash skips the finished shards.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import AutoConfig, PreTrainedTokenizerBase
@@ -27,6 +30,7 @@ from kdscale.cache.plan import ShardPlan, plan_id, plan_shards
 from kdscale.config import Config
 from kdscale.data import TaskData, check_sources
 from kdscale.distributed import process_state
+from kdscale.files import check_writable
 from kdscale.models import (
     check_inputs_fit,
     checkpoint_sha256,
@@ -49,6 +53,9 @@ class CacheJob:
     tokenizer: PreTrainedTokenizerBase
     task: Task
     layout: CacheLayout
+    # Where shards are written: the cache folder, or a folder beside it while a complete
+    # cache of other settings stays in place until the new one is finished.
+    directory: Path | None = None
 
     @property
     def pad_token_id(self) -> int:
@@ -58,27 +65,38 @@ class CacheJob:
 def run_cache(config: Config) -> None:
     check_sources(get_task(config.task).data_config(config))
     check_teacher_deepspeed_config(config.teacher)
+    check_writable(config.cache_dir, "cache.dir")
     state = process_state()
     job = plan_job(config, state)
-    if _cache_is_complete(job):
+    differs = _differences(job)
+    if differs == []:
         state.print(f"cache {config.cache_dir} is complete for this teacher and data; "
                     f"nothing to do")
         return
+    # The teacher loads before anything is refused or removed: a damaged teacher is named as
+    # such, never mistaken for another teacher, and never costs the cache it would replace.
+    runner = load_runner(config, state, config.cache.batch_size)
+    if differs and not config.cache.overwrite:
+        raise CacheError(f"cache {config.cache_dir} holds logits of other {', '.join(differs)}; "
+                         f"set --cache.overwrite true to replace it (it is kept until the new "
+                         f"cache is complete), or choose another --cache.dir")
+    job.directory = _staging_dir(config.cache_dir) if differs else config.cache_dir
     if state.is_main_process:
         _prepare_directory(job)
     state.wait_for_everyone()
-    done = finished_shards(config.cache_dir, job.plan_id)
+    done = finished_shards(job.directory, job.plan_id)
     mine = [s for s in job.plan.shards_of(state.process_index, state.num_processes)
             if s not in done]
     state.print(f"{len(job.plan.shards)} shards of {config.cache.shard_rows} rows, "
                 f"{len(done)} already finished; {state.num_processes} process(es)")
-    runner = load_runner(config, state, config.cache.batch_size)
     stats = write_shards(job, runner, mine, state)
     state.wait_for_everyone()
     all_stats = _gather(stats, state)
     if state.is_main_process:
-        manifest = finalize_cache(config.cache_dir, num_shards=len(job.plan.shards),
+        manifest = finalize_cache(job.directory, num_shards=len(job.plan.shards),
                                   plan_id=job.plan_id, **job.meta)
+        if job.directory != config.cache_dir:
+            _swap_in(job.directory, config.cache_dir)
         report_numbers(job, manifest, all_stats, runner)
     state.wait_for_everyone()
 
@@ -102,32 +120,48 @@ def plan_job(config: Config, state) -> CacheJob:
                          f"outputs, got {meta['k']}")
     plan = plan_shards([len(ids) for ids in data.dataset["input_ids"]], cache.shard_rows)
     identity = plan_id(shard_rows=cache.shard_rows, **meta)
-    return CacheJob(config, data, plan, identity, meta, tokenizer, task, layout)
+    return CacheJob(config, data, plan, identity, meta, tokenizer, task, layout,
+                    config.cache_dir)
 
 
-def _cache_is_complete(job: CacheJob) -> bool:
+def _differences(job: CacheJob) -> list[str] | None:
+    """None where the folder holds no complete cache; else what differs from this job (an
+    empty list: the cache is complete for this teacher, data and settings)."""
     directory = job.config.cache_dir
     if not (directory / MANIFEST_NAME).is_file():
-        return False
-    manifest = read_manifest(directory)
-    same = (manifest.data_fingerprint == job.meta["data_fingerprint"]
-            and manifest.teacher.get("weights_sha256") == job.meta["teacher"]["weights_sha256"]
-            and manifest.tokenizer_sha256 == job.meta["tokenizer_sha256"]
-            and (manifest.kind, manifest.k, manifest.dtype, manifest.masking)
-            == (job.meta["kind"], job.meta["k"], job.meta["dtype"], job.meta["masking"]))
-    if not same and not job.config.cache.overwrite:
-        raise CacheError(f"cache {directory} holds logits of another teacher, data or "
-                         f"settings; set --cache.overwrite true to replace it, or choose "
-                         f"another --cache.dir")
-    return same
+        return None
+    manifest, meta = read_manifest(directory), job.meta
+    checks = {
+        "teacher weights": manifest.teacher.get("weights_sha256")
+        == meta["teacher"]["weights_sha256"],
+        "data": manifest.data_fingerprint == meta["data_fingerprint"],
+        "tokenizer": manifest.tokenizer_sha256 == meta["tokenizer_sha256"],
+        "settings (kind, k, dtype, masking)": (manifest.kind, manifest.k, manifest.dtype,
+                                                manifest.masking)
+        == (meta["kind"], meta["k"], meta["dtype"], meta["masking"]),
+    }
+    return [what for what, same in checks.items() if not same]
+
+
+def _staging_dir(cache_dir: Path) -> Path:
+    """Beside the cache, named from it: a rerun after a crash finds its finished shards."""
+    return cache_dir.parent / f".{cache_dir.name}.building"
+
+
+def _swap_in(new: Path, cache_dir: Path) -> None:
+    """The finished cache takes the old one's place; the old one is removed only then."""
+    old = cache_dir.parent / f".{cache_dir.name}.replaced"
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(cache_dir, old)
+    os.replace(new, cache_dir)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _prepare_directory(job: CacheJob) -> None:
-    """Start clean where the directory holds another cache, complete or partial."""
-    directory = job.config.cache_dir
+    """Start clean where the folder holds shards of another plan (unfinished: a complete
+    cache is never built over, see `run_cache`)."""
+    directory = job.directory
     directory.mkdir(parents=True, exist_ok=True)
-    if (directory / MANIFEST_NAME).is_file():  # a complete cache of another plan
-        clear_partial(directory)
     try:
         finished_shards(directory, job.plan_id)
     except CacheError:  # shards of another plan; refused unless overwrite
@@ -171,7 +205,7 @@ def _write(job: CacheJob, shard: int, parts: list[dict]) -> None:
     """One shard from its batches' entries, concatenated in batch order (an example's
     rows stay contiguous)."""
     tensors = {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
-    write_shard(job.config.cache_dir, shard, dtype=job.meta["dtype"],
+    write_shard(job.directory, shard, dtype=job.meta["dtype"],
                 num_outputs=job.meta["num_outputs"], k=job.meta["k"], plan_id=job.plan_id,
                 **tensors)
 

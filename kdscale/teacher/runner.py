@@ -11,6 +11,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from kdscale.config import Config
 from kdscale.distributed import free_port
+from kdscale.models import checkpoint_errors
 from kdscale.tasks import get_task
 from kdscale.teacher.placement import (
     choose_placement,
@@ -32,11 +33,12 @@ class TeacherRunner:
             if torch.cuda.is_available() else torch.device("cpu")
         self.placement, self.dtype, self.num_params = placement, dtype, num_params
         options = {"attn_implementation": attn_implementation} if attn_implementation else {}
-        if placement == "replicate":
-            model = model_class.from_pretrained(str(checkpoint), **options)
-            self.model = model.to(self.device, dtype).eval()
-        else:
-            self.model = _zero3_model(checkpoint, dtype, ds_config, options, model_class)
+        with checkpoint_errors(f"teacher checkpoint {checkpoint}"):
+            if placement == "replicate":
+                model = model_class.from_pretrained(str(checkpoint), **options)
+                self.model = model.to(self.device, dtype).eval()
+            else:
+                self.model = _zero3_model(checkpoint, dtype, ds_config, options, model_class)
 
     @property
     def params_held(self) -> int:

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from kdscale.cache import LogitCache
 from kdscale.errors import KdscaleError
 from tests.support.bad_input import (
     changed,
@@ -116,6 +117,13 @@ def damaged_teacher(p, tmp):
     return {"teacher": {"checkpoint": str(teacher)}}, []
 
 
+def truncated_teacher(p, tmp):
+    """A copy of the teacher cut short mid-copy, with overwrite on: the cache must survive."""
+    weights = copy_tree(p / "teacher", tmp / "teacher") / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return {"teacher": {"checkpoint": str(tmp / "teacher")}}, ["--cache.overwrite", "true"]
+
+
 def fresh_run(**distill):
     """A new output folder holding a good student already (a run that trains from step 0)."""
     def setup(p, tmp):
@@ -208,7 +216,18 @@ CASES = {
                                                           "dir": "elsewhere"}),
                                  "cache.k: expected at most the teacher's 2 outputs, got 5"),
     "cache of other data, no overwrite": Case("cache", sections(data={"max_train_examples": 40}),
-                                              "holds logits of another teacher, data or settings"),
+                                              "holds logits of other data; set --cache."
+                                              "overwrite true to replace it (it is kept"),
+    "damaged teacher, overwrite on": Case("cache", lambda p, tmp: (
+        damaged_teacher(p, tmp)[0], ["--cache.overwrite", "true"]),
+        "teacher checkpoint {tmp}/t cannot be loaded"),
+    "damaged teacher, overwrite off": Case("cache", damaged_teacher,
+                                           "teacher checkpoint {tmp}/t cannot be loaded"),
+    "truncated teacher, overwrite on": Case("cache", truncated_teacher,
+                                            "teacher checkpoint {tmp}/teacher cannot be loaded"),
+    "NaN teacher, overwrite on": Case("cache", lambda p, tmp: (other_teacher(set_(
+        CLASSIFIER, float("nan")))(p, tmp)[0], ["--cache.overwrite", "true"]),
+        "teacher logits are not finite for example ids"),
     "NaN logits in a cache": Case("distill", lambda p, tmp: (cache_copy(nan_logits)(p, tmp)[0]
                                                              | {"distill": {"max_steps": 3}}, []),
                                   "holds NaN or inf teacher logits for example ids"),
@@ -258,7 +277,7 @@ CASES = {
                                      "trainer_state.json is missing or damaged"),
 }
 # Rows that fail while running (a cache's first batch): files may be added, none changed.
-LATE = {"NaN logits in a cache", "diverging learning rate (distill)",
+LATE = {"NaN logits in a cache", "diverging learning rate (distill)", "NaN teacher, overwrite on",
         "diverging learning rate (finetune)"}
 
 
@@ -340,3 +359,14 @@ def test_a_diverging_run_leaves_only_finite_checkpoints(pipe, tmp_path):
         weights = load_file(checkpoint / "model.safetensors")
         assert all(torch.isfinite(w).all() for w in weights.values()), checkpoint
     assert not (out / "student").exists()
+
+
+def test_overwrite_builds_beside_the_cache_and_swaps_it_in_when_complete(pipe, tmp_path):
+    cache = copy_tree(pipe / "cache", tmp_path / "cache")
+    config = write_experiment(pipe, tmp_path / "experiment.yaml", output_dir=str(tmp_path),
+                              cache={"dir": str(cache), "overwrite": True},
+                              data={"max_train_examples": 40})
+    run_command("cache", config)
+    assert json.loads((cache / "manifest.json").read_text())["num_examples"] == 40
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    assert len(LogitCache(cache)) == 40
