@@ -28,7 +28,7 @@ from kdscale.cache import (
 from kdscale.cache.format import MANIFEST_NAME
 from kdscale.cache.plan import ShardPlan, plan_id, plan_shards
 from kdscale.config import Config
-from kdscale.data import TaskData, check_sources
+from kdscale.data import TaskData, check_sources, check_unknown_rate
 from kdscale.distributed import process_state
 from kdscale.files import check_writable
 from kdscale.models import (
@@ -109,6 +109,7 @@ def plan_job(config: Config, state) -> CacheJob:
     check_inputs_fit(teacher_config, tokenizer, config.data.max_length, "the teacher")
     with state.main_process_first():  # one process tokenizes; the rest read its cache files
         data = task.transfer_set(config, tokenizer, task.label_names(teacher_config))
+    check_unknown_rate(data, tokenizer, f"the tokenizer of {config.teacher_dir}")
     cache, layout = config.cache, task.cache_layout(config, teacher_config)
     meta = {**layout.meta(), "dtype": cache.dtype,
             "teacher": {"name": str(config.teacher_dir),

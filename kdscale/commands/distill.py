@@ -9,7 +9,7 @@ from kdscale.commands.stage import begin_stage, start_accelerator, train_and_sav
 from kdscale.config import Config, ConfigError, StudentConfig
 from kdscale.config.intermediate import intermediate_config
 from kdscale.config.model_fields import resolve_layers
-from kdscale.data import make_loader
+from kdscale.data import check_unknown_rate, make_loader
 from kdscale.models import (
     build_student,
     check_inputs_fit,
@@ -79,6 +79,7 @@ def run_distill(config: Config) -> None:
     labels = task.label_names(teacher.config)
     with stage.state.main_process_first():  # one process tokenizes, the rest read its files
         train = task.transfer_set(config, tokenizer, labels)
+    check_unknown_rate(train, tokenizer, f"the tokenizer of {config.teacher_dir}")
     check_caches(config, caches, train, task.cache_layout(config, teacher.config), tokenizer)
     model = student = build_student(config.student, task.student_source(config.student, teacher))
     extra = intermediate_config(config.loss)

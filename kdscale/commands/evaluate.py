@@ -10,7 +10,7 @@ import torch
 
 from kdscale.commands.report import build_report, print_table, write_report
 from kdscale.config import Config
-from kdscale.data import TaskData, check_sources, make_loader
+from kdscale.data import TaskData, check_sources, check_unknown_rate, make_loader
 from kdscale.data.batch import model_inputs
 from kdscale.distributed import process_state
 from kdscale.files import check_writable
@@ -89,6 +89,7 @@ def evaluate_and_report(config: Config) -> dict:
         check_inputs_fit(model.config, tokenizer, config.data.max_length, name)
         check_finite(model, f"{name} ({directory})")
     eval_data = task.load_split(config, tokenizer, "eval", task.label_names(teacher.config))
+    check_unknown_rate(eval_data, tokenizer, f"the tokenizer of {config.teacher_dir}")
     loader = make_loader(eval_data, config.eval.batch_size, task.collator(tokenizer),
                          shuffle=False)
     timing_batch = median_length_batch(loader)

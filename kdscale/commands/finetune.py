@@ -9,7 +9,7 @@ import torch
 from kdscale.commands.stage import begin_stage, start_accelerator, train_and_save
 from kdscale.config import Config, ConfigError
 from kdscale.config.model_fields import resolve_layers
-from kdscale.data import make_loader
+from kdscale.data import check_unknown_rate, make_loader
 from kdscale.data.batch import model_inputs
 from kdscale.models import check_inputs_fit, load_tokenizer, num_layers_of
 from kdscale.tasks import Task
@@ -49,6 +49,7 @@ def run_finetune(config: Config) -> None:
     task = stage.task
     with stage.state.main_process_first():  # one tokenizes, the rest read its files
         train = task.load_split(config, tokenizer, "train")
+    check_unknown_rate(train, tokenizer, f"the tokenizer of {tokenizer.name_or_path}")
     teacher = task.new_model(config.teacher, train.label_names)
     check_inputs_fit(teacher.config, tokenizer, config.data.max_length, "the teacher")
     if train.label_names:  # classes or tags; a masked LM's outputs are its vocabulary

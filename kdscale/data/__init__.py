@@ -2,8 +2,14 @@
 
 from kdscale.data.loaders import LengthGroupedBatchSampler, PaddingCollator, make_loader
 from kdscale.data.sources import DataError, check_sources, label_names_of, load_raw
-from kdscale.data.tokenize import MODEL_COLUMNS, TaskData, fingerprint, tokenize_labelled
+from kdscale.data.tokenize import (
+    MODEL_COLUMNS,
+    TaskData,
+    check_unknown_rate,
+    fingerprint,
+    tokenize_labelled,
+)
 
 __all__ = ["MODEL_COLUMNS", "DataError", "LengthGroupedBatchSampler", "PaddingCollator",
-           "TaskData", "check_sources", "fingerprint", "label_names_of", "load_raw",
-           "make_loader", "tokenize_labelled"]
+           "TaskData", "check_sources", "check_unknown_rate", "fingerprint", "label_names_of",
+           "load_raw", "make_loader", "tokenize_labelled"]

@@ -12,6 +12,10 @@ from kdscale.config import DataConfig
 from kdscale.data.augment import COPY_COLUMN, NO_LABEL, with_copies
 from kdscale.data.sources import DataError, label_names_of, load_raw
 
+# A tokenizer that knows the data leaves a small share of tokens unknown (under 1% for a
+# WordPiece vocabulary on English text); one without its vocabulary files leaves nearly all.
+UNKNOWN_SHARE_LIMIT = 0.5
+SAMPLE_ROWS = 256
 MODEL_COLUMNS = ["input_ids", "attention_mask", "token_type_ids", "labels", "example_id"]
 
 
@@ -120,3 +124,33 @@ def fingerprint(dataset: datasets.Dataset, max_length: int) -> str:
 
 
 
+
+
+def check_unknown_rate(data: TaskData, tokenizer, where: str) -> None:
+    """Refuse data the tokenizer cannot read: most tokens of a sample of its rows unknown.
+
+    Args:
+        data: a tokenized split.
+        tokenizer: the tokenizer that produced it.
+        where: what to name in the error (the tokenizer's source).
+
+    Raises:
+        DataError: when more than `UNKNOWN_SHARE_LIMIT` of the sampled tokens are unknown.
+    """
+    rows = data.dataset.select(range(min(SAMPLE_ROWS, len(data.dataset))))["input_ids"]
+    share, tokens = unknown_share(rows, tokenizer)
+    if share > UNKNOWN_SHARE_LIMIT:
+        raise DataError(f"{where}: {share:.0%} of the {tokens} tokens in the first {len(rows)} "
+                        f"rows are {tokenizer.unk_token}; the tokenizer cannot read this data "
+                        f"(expected under 1%). Are its vocabulary files (tokenizer.json, "
+                        f"vocab.txt) missing, or is it another model's tokenizer?")
+
+
+def unknown_share(rows: list[list[int]], tokenizer) -> tuple[float, int]:
+    """(share of unknown tokens, number of tokens) over `rows`, special tokens left out."""
+    unknown_id = tokenizer.unk_token_id
+    if unknown_id is None:
+        return 0.0, 0
+    special = set(tokenizer.all_special_ids) - {unknown_id}
+    tokens = [i for ids in rows for i in ids if i not in special]
+    return (tokens.count(unknown_id) / len(tokens) if tokens else 0.0), len(tokens)

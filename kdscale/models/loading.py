@@ -101,6 +101,11 @@ def check_inputs_fit(config, tokenizer, max_length: int, what: str) -> None:
         raise ConfigError(f"data.max_length: expected at most {positions}, the positions "
                           f"{what} has (max_position_embeddings), got {max_length}")
     vocab = getattr(config, "vocab_size", None)
+    if vocab is not None and len(tokenizer) < vocab // 2:
+        raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but {what} embeds "
+                          f"{vocab} (vocab_size): it is not the tokenizer the model was trained "
+                          f"with. Are its vocabulary files (tokenizer.json, vocab.txt) missing "
+                          f"from the model's folder?")
     if vocab is not None and len(tokenizer) > vocab:
         raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but {what} embeds only "
                           f"{vocab} (vocab_size); its ids would run past the embedding table. "

@@ -124,6 +124,27 @@ def truncated_teacher(p, tmp):
     return {"teacher": {"checkpoint": str(tmp / "teacher")}}, ["--cache.overwrite", "true"]
 
 
+def teacher_without_tokenizer(command_sections=None):
+    """The teacher's folder as it is when its tokenizer files were never copied."""
+    def setup(p, tmp):
+        teacher = copy_tree(p / "teacher", tmp / "bare")
+        for path in teacher.iterdir():
+            if path.name.startswith(("tokenizer", "special_tokens", "vocab")):
+                path.unlink()
+        return {"teacher": {"checkpoint": str(teacher)}, **(command_sections or {})}, []
+    return setup
+
+
+def tokenizer_of_other_words(p, tmp):
+    """A tokenizer as large as the teacher's vocabulary whose words are not the data's."""
+    from kdscale.commands.demo import demo_vocabulary, word_level_tokenizer
+
+    specials = [t for t in demo_vocabulary() if t.startswith("[")]
+    others = [f"zz{i}" for i in range(len(demo_vocabulary()) - len(specials))]
+    word_level_tokenizer(specials + others).save_pretrained(tmp / "other_tokenizer")
+    return finetune(lambda p, tmp: {"tokenizer": str(tmp / "other_tokenizer")})(p, tmp)
+
+
 def fresh_run(**distill):
     """A new output folder holding a good student already (a run that trains from step 0)."""
     def setup(p, tmp):
@@ -185,6 +206,17 @@ CASES = {
         "config": None, "model": str(tmp / "nowhere")}), "cannot be loaded"),
     "vocab mismatch": Case("finetune", finetune(lambda p, tmp: {"config": TINY}),
                            "the tokenizer has 114 tokens but the teacher embeds only 50"),
+    "teacher without tokenizer files (eval)": Case(
+        "eval", teacher_without_tokenizer(), "the tokenizer has 5 tokens but the teacher embeds "
+        "114 (vocab_size): it is not the tokenizer the model was trained with"),
+    "teacher without tokenizer files (cache)": Case(
+        "cache", teacher_without_tokenizer({"cache": {"dir": "elsewhere"}}),
+        "the tokenizer has 5 tokens but the teacher embeds 114"),
+    "teacher without tokenizer files (distill)": Case(
+        "distill", teacher_without_tokenizer(), "the tokenizer has 5 tokens"),
+    "tokenizer of other words (finetune)": Case(
+        "finetune", tokenizer_of_other_words,
+        "100% of the 693 tokens in the first"),
     "student of another vocab": Case("distill", pretrained_student,
                                      "has a vocabulary of 50 tokens, the teacher 114"),
     "student of NaN weights (eval)": Case("eval", lambda p, tmp: ({"output_dir": str(
