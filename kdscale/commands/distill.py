@@ -99,7 +99,8 @@ def run_distill(config: Config) -> None:
     evaluator = periodic_eval(config, task, accelerator, tokenizer, labels, submodule)
     step = DistillStep(config.loss, runner, config.cache.ensemble_weights, task)
     train_and_save(stage, accelerator, model, loader, step, what="student", tokenizer=tokenizer,
-                   save_to=config.student_dir, evaluator=evaluator, submodule=submodule)
+                   save_to=config.student_dir, data_fingerprint=train.fingerprint,
+                   evaluator=evaluator, submodule=submodule)
 
 
 def check_caches(config: Config, caches: list[LogitCache], train, layout: CacheLayout,

@@ -60,4 +60,5 @@ def run_finetune(config: Config) -> None:
     loader = make_loader(train, global_batch, task.collator(tokenizer), shuffle=True,
                          seed=config.seed)
     train_and_save(stage, accelerator, teacher, loader, cross_entropy_step(task), what="teacher",
-                   tokenizer=tokenizer, save_to=config.teacher_dir)
+                   tokenizer=tokenizer, save_to=config.teacher_dir,
+                   data_fingerprint=train.fingerprint)

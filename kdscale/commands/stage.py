@@ -63,14 +63,35 @@ def start_accelerator(stage: Stage) -> Accelerator:
     return accelerator
 
 
+# What makes a run what it is, beyond the data: a checkpoint resumes only the same run.
+# (Batch sizes and accumulation are checked against the launch by `check_resume`; logging,
+# checkpointing and evaluation intervals may change between a run and its resume.)
+IDENTITY_SECTIONS = {"finetune": ("teacher",), "distill": ("student", "loss", "teacher")}
+NOT_IDENTITY = {"teacher.checkpoint", "teacher.placement", "teacher.deepspeed_config"}
+OPTIMIZATION_KEYS = ("epochs", "max_steps", "learning_rate", "weight_decay", "warmup_ratio",
+                     "max_grad_norm", "mixed_precision")
+
+
+def run_identity(stage: Stage, data_fingerprint: str) -> dict:
+    """The settings recorded in every checkpoint and compared on resume, as flat keys."""
+    raw = to_dict(stage.config)
+    identity = {"task": raw["task"], "seed": raw["seed"], "data": data_fingerprint}
+    for section in IDENTITY_SECTIONS[stage.name]:
+        identity |= {f"{section}.{key}": value for key, value in raw[section].items()
+                     if f"{section}.{key}" not in NOT_IDENTITY}
+    identity |= {f"{stage.name}.{key}": raw[stage.name][key] for key in OPTIMIZATION_KEYS}
+    return identity
+
+
 def train_and_save(stage: Stage, accelerator: Accelerator, model: torch.nn.Module, loader,
-                   loss_fn: LossFn, *, what: str, tokenizer, save_to: Path,
+                   loss_fn: LossFn, *, what: str, tokenizer, save_to: Path, data_fingerprint: str,
                    evaluator: PeriodicEval | None = None, submodule: str | None = None) -> None:
-    """Train (resuming from the newest checkpoint), save `what` to `save_to`, print where the
-    step time went."""
+    """Train (resuming from the newest checkpoint of the same run), save `what` to
+    `save_to`, print where the step time went."""
     model, history = train_loop(model, loader, loss_fn, stage.settings, accelerator,
                                 desc=f"{stage.name} {what}", checkpoints=stage.checkpoints,
-                                evaluator=evaluator, section=stage.name)
+                                evaluator=evaluator, section=stage.name,
+                                identity=run_identity(stage, data_fingerprint))
     save_model(accelerator, model, tokenizer, save_to, history, submodule=submodule)
     accelerator.print(f"{what} saved to {save_to}")
     print_breakdown(accelerator, history)

@@ -80,8 +80,10 @@ def complete_checkpoints(root: Path) -> list[Path]:
 
 
 def save_checkpoint(accelerator: Accelerator, root: Path, progress: Progress,
-                    history: list[dict], keep: int, batch_size: int | None = None) -> Path:
-    """`batch_size`: rows per process, recorded so a resume can check the global batch."""
+                    history: list[dict], keep: int, batch_size: int | None = None,
+                    run: dict | None = None) -> Path:
+    """`batch_size`: rows per process, recorded so a resume can check the global batch;
+    `run`: the settings that make this run what it is (see `check_same_run`)."""
     path = root / f"step-{progress.step:08d}"
     try:
         accelerator.save_state(str(path))
@@ -90,7 +92,8 @@ def save_checkpoint(accelerator: Accelerator, root: Path, progress: Progress,
             launch = {"processes": accelerator.num_processes, "batch_size": batch_size,
                       "gradient_accumulation_steps": accelerator.gradient_accumulation_steps,
                       "deepspeed": accelerator.state.deepspeed_plugin is not None}
-            state = {"progress": asdict(progress), "history": history, "launch": launch}
+            state = {"progress": asdict(progress), "history": history, "launch": launch,
+                     "run": run}
             write_json_atomic(path / "trainer_state.json", state)
             (path / COMPLETE).write_text(f"step {progress.step}\n")
             _prune(root, keep)
@@ -166,6 +169,22 @@ def check_pickles(path: Path) -> None:
             raise ResumeError(f"checkpoint {path}: {file.relative_to(path)} would import "
                               f"{unsafe} when loaded; refused (a checkpoint holds tensors, "
                               f"numbers and {sorted(SAFE_GLOBALS)} only)")
+
+
+def check_same_run(path: Path, run: dict | None) -> None:
+    """A checkpoint resumes only the run that wrote it: the same model, layers, data, losses,
+    optimizer and schedule (`run`, a flat {key: value}); names the keys that differ."""
+    stored = read_state(path).get("run")
+    if not stored or run is None:  # written before runs were recorded, or not asked
+        return
+    current = json.loads(json.dumps(run))  # as it would read back: lists, not tuples
+    differ = sorted(k for k in stored.keys() | current.keys() if stored.get(k) != current.get(k))
+    if differ:
+        shown = "; ".join(f"{k}: {stored.get(k)!r} there, {current.get(k)!r} now"
+                          for k in differ[:4])
+        raise ResumeError(f"checkpoint {path} was written by a run with other settings "
+                          f"({', '.join(differ)} differ: {shown}). Resume with the settings "
+                          f"that wrote it, or use another output_dir")
 
 
 def check_resume(root: Path, train: TrainConfig, section: str, processes: int,

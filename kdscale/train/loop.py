@@ -28,6 +28,7 @@ from kdscale.distributed import reduce_sum
 from kdscale.files import OutputError, replace_directory
 from kdscale.train.checkpoint import (
     Progress,
+    check_same_run,
     complete_checkpoints,
     load_checkpoint,
     save_checkpoint,
@@ -67,11 +68,14 @@ def make_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.Op
 def train_loop(model: torch.nn.Module, loader: torch.utils.data.DataLoader, loss_fn: LossFn,
                train: TrainConfig, accelerator: Accelerator, desc: str,
                checkpoints: Path | None = None, evaluator: PeriodicEval | None = None,
-               section: str = "train") -> tuple[torch.nn.Module, list[dict]]:
+               section: str = "train",
+               identity: dict | None = None) -> tuple[torch.nn.Module, list[dict]]:
     """Train `model` on `loader` (global batches; see make_accelerator). With `checkpoints`,
     save there every `train.checkpoint_every` steps and resume from the newest complete one;
     with `evaluator`, evaluate every `train.eval_every` steps and keep the best model.
-    `section` names the config section of `train` in messages. A loss that is not finite
+    `section` names the config section of `train` in messages; `identity` (the settings that
+    make this run what it is, flat {key: value}) is recorded in every
+    checkpoint, and a resume under other settings is refused. A loss that is not finite
     stops the job (`NonFiniteError`) before anything is saved from it.
     Returns the prepared model and the logged history (loss records and eval records)."""
     accum = train.gradient_accumulation_steps
@@ -85,7 +89,8 @@ def train_loop(model: torch.nn.Module, loader: torch.utils.data.DataLoader, loss
         optimizer, int(train.warmup_ratio * total_steps), total_steps)
     sampler = loader.batch_sampler
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
-    run = _Run(accelerator, train, desc, total_steps, scheduler, checkpoints, evaluator, section)
+    run = _Run(accelerator, train, desc, total_steps, scheduler, checkpoints, evaluator, section,
+               identity)
     _print_plan(accelerator, train, desc, total_steps, steps_per_epoch)
     progress = run.progress
     model.train()
@@ -118,13 +123,15 @@ class _Run:
 
     def __init__(self, accelerator: Accelerator, train: TrainConfig, desc: str,
                  total_steps: int, scheduler, checkpoints: Path | None,
-                 evaluator: PeriodicEval | None, section: str):
+                 evaluator: PeriodicEval | None, section: str, identity: dict | None):
         self.accelerator, self.train, self.desc, self.section = accelerator, train, desc, section
+        self.identity = identity
         self.total_steps, self.scheduler = total_steps, scheduler
         self.checkpoints, self.evaluator = checkpoints, evaluator
         self.progress, self.history = Progress(), []
         if checkpoints is not None and complete_checkpoints(checkpoints):
             newest = complete_checkpoints(checkpoints)[-1]
+            check_same_run(newest, identity)
             self.progress, self.history = load_checkpoint(accelerator, newest)
             accelerator.print(f"{desc}: resuming from {newest} (step {self.progress.step})")
         self.bar = tqdm(total=total_steps, initial=self.progress.step, desc=desc,
@@ -168,7 +175,7 @@ class _Run:
         step = self.progress.step
         check_weights_finite(self.accelerator, model, f"the checkpoint of step {step}")
         return save_checkpoint(self.accelerator, self.checkpoints, self.progress, self.history,
-                               self.train.keep_checkpoints, self.train.batch_size)
+                               self.train.keep_checkpoints, self.train.batch_size, self.identity)
 
     def _stop_here(self, model: torch.nn.Module, saved: Path | None) -> None:
         """Save where the job stands (unless this step was just saved) and leave: a rerun

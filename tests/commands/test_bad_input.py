@@ -304,7 +304,16 @@ CASES = {
         "distill.gradient_accumulation_steps: expected 1, as checkpoint"),
     "other trainable parameters on resume": Case("distill", lambda p, tmp: (
         {"student": {"freeze_embeddings": True}, "distill": {"max_steps": 3}}, []),
-        "does not fit this run's model or optimizer"),
+        "was written by a run with other settings (distill.max_steps, "
+        "student.freeze_embeddings differ: distill.max_steps: 2 there, 3 now;"),
+    "other learning rate on resume": Case("distill", sections(distill={"learning_rate": 1e-3}),
+                                          "(distill.learning_rate differ: distill.learning_rate:"
+                                          " 0.0001 there, 0.001 now)"),
+    "other dropout on resume": Case("distill", sections(student={"dropout": 0.1}),
+                                    "(student.dropout differ: student.dropout: 0.0 there, "
+                                    "0.1 now)"),
+    "other temperature on resume": Case("distill", sections(loss={"temperature": 4.0}),
+                                        "(loss.temperature differ"),
     "damaged checkpoint state": Case("distill", checkpoint(damaged_state),
                                      "trainer_state.json is missing or damaged"),
 }

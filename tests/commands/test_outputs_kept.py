@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import resource
+import shutil
 import signal
 
 import pytest
@@ -32,7 +33,9 @@ def file_size_limit(limit: int):
 
 
 def _run_over_a_good_one(pipe, tmp_path, command: str, **sections):
+    """The finished run's folder without its checkpoints: the command trains anew over it."""
     run = copy_tree(pipe / "run", tmp_path / "run")
+    shutil.rmtree(run / "checkpoints")
     config = write_experiment(pipe, tmp_path / "experiment.yaml", output_dir=str(run),
                               **sections)
     return run, config
