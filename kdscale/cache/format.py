@@ -218,9 +218,13 @@ def read_manifest(directory: str | os.PathLike) -> CacheManifest:
             "run `kdscale cache` to create one"
         )
     try:
-        return CacheManifest.from_json(path.read_text())
+        return CacheManifest.from_json(path.read_text(encoding="utf-8"))
     except CacheError as e:
         raise CacheError(f"{path}: {e}") from None
+    except (UnicodeDecodeError, OSError) as err:  # random bytes, or unreadable
+        raise CacheError(f"{path}: the manifest cannot be read as UTF-8 JSON ({err}); "
+                         f"rebuild the cache with `kdscale cache --cache.overwrite true`, or "
+                         f"delete {directory}") from None
 
 
 def shard_metadata(plan_id: str, index: int) -> dict[str, str]:

@@ -97,6 +97,9 @@ def _validate_ensemble(cache: CacheConfig) -> None:
 
 
 def _validate_train(train: TrainConfig, section: str) -> None:
+    # Evaluation during training keeps the best student; fine-tuning has no such step.
+    _check(section != "finetune" or train.eval_every is None, f"{section}.eval_every",
+           "null (evaluation during training is for distill)", train.eval_every)
     _check(train.epochs > 0, f"{section}.epochs", "a number > 0", train.epochs)
     _check(train.batch_size > 0, f"{section}.batch_size", "an integer > 0", train.batch_size)
     _check(train.learning_rate > 0, f"{section}.learning_rate", "a number > 0", train.learning_rate)

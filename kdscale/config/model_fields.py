@@ -61,4 +61,44 @@ def teacher_config_from_dict(fields: dict, num_labels: int):
             suggestion = f" (did you mean teacher.config.{hint[0]}?)" if hint else ""
             raise ConfigError(f"unknown key teacher.config.{key}{suggestion}; expected a "
                               f"BertConfig field")
-    return BertConfig(**fields, num_labels=num_labels)
+    config = BertConfig(**fields, num_labels=num_labels)
+    _check_shape(config)
+    return config
+
+
+# BertConfig takes any value for these; a model built from a wrong one fails deep inside
+# PyTorch, or asks for more memory than any machine has.
+SIZE_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+             "intermediate_size", "max_position_embeddings", "type_vocab_size")
+
+
+def _check_shape(config) -> None:
+    for key in SIZE_KEYS:
+        value = getattr(config, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"teacher.config.{key}: expected an integer > 0, got {value!r}")
+    if config.hidden_size % config.num_attention_heads:
+        raise ConfigError(f"teacher.config.hidden_size: expected a multiple of "
+                          f"num_attention_heads ({config.num_attention_heads}), got "
+                          f"{config.hidden_size}")
+    gib = 4 * approximate_parameters(config) / 2**30  # fp32 weights alone
+    total = _memory_gib()
+    if gib > total:
+        raise ConfigError(f"teacher.config: a model of this shape holds about {gib:,.0f} GiB of "
+                          f"fp32 weights; this machine has {total:,.0f} GiB of memory. Expected "
+                          f"BERT-family sizes (BERT-large: hidden_size 1024, 24 layers, 1.3 GiB)")
+
+
+def approximate_parameters(config) -> int:
+    """Embeddings and transformer blocks (attention, feed-forward, norms): within 1% of a
+    BERT's count; enough to catch a shape no machine could hold."""
+    h, layers = config.hidden_size, config.num_hidden_layers
+    embeddings = (config.vocab_size + config.max_position_embeddings + config.type_vocab_size) * h
+    block = 4 * h * h + 2 * h * config.intermediate_size + 9 * h + config.intermediate_size
+    return embeddings + layers * block
+
+
+def _memory_gib() -> float:
+    import psutil
+
+    return psutil.virtual_memory().total / 2**30

@@ -41,13 +41,44 @@ def check_sources(cfg: DataConfig) -> None:
             raise DataError(f"data.{key}: {path} has extension {Path(path).suffix!r}; "
                             f"expected one of {sorted(_BUILDERS)}")
         if not Path(path).is_file():
-            raise DataError(f"data.{key}: file {path} does not exist")
+            raise DataError(f"data.{key}: {_not_a_file(Path(path))}")
         if _is_empty(Path(path)):
             raise DataError(f"data.{key}: data file {path} has no rows")
-        columns = _peek_columns(Path(path))
+        if Path(path).suffix == ".tsv":
+            _check_tsv_fields(Path(path), key)
+        columns = _peek_columns(Path(path), key)
         if columns is not None:
             renamed = [(cfg.rename_columns or {}).get(c, c) for c in columns]
             _check_columns(renamed, cfg, f"data file {path}")
+
+
+def _not_a_file(path: Path) -> str:
+    """Why `path` is not a readable file: a folder, a link that leads nowhere, or nothing."""
+    if path.is_dir():
+        return f"{path} is a folder; expected a data file"
+    if path.is_symlink():
+        try:
+            path.resolve(strict=True)
+        except (OSError, RuntimeError) as err:  # RuntimeError: a loop, before Python 3.13
+            reason = "a loop of links" if "loop" in str(err).lower() else "a broken link"
+            return f"{path} is {reason}; expected a data file"
+    return f"file {path} does not exist"
+
+
+def _check_tsv_fields(path: Path, key: str) -> None:
+    """Every line has the header's number of tab-separated fields. A .tsv is read without
+    quoting (GLUE's sentences hold bare quotes), so a tab inside a quoted field splits it,
+    and the rows after it would be read shifted."""
+    with path.open(encoding="utf-8-sig", errors="replace") as f:
+        width = f.readline().count("\t") + 1
+        bad = [n for n, line in enumerate(f, start=2)
+               if line.strip() and line.rstrip("\r\n").count("\t") + 1 != width]
+    if bad:
+        raise DataError(f"data.{key}: line(s) {bad[:5]}{' ...' if len(bad) > 5 else ''} of "
+                        f"{path} ({len(bad)} in all) do not have the header's {width} "
+                        f"tab-separated fields: a tab inside a field? A .tsv is read without "
+                        f"quoting (as GLUE writes it), so quotes do not protect a tab; expected "
+                        f"one tab between columns, or a .csv file")
 
 
 def _is_empty(path: Path) -> bool:
@@ -65,12 +96,17 @@ def _is_empty(path: Path) -> bool:
     return len(lines) < (2 if path.suffix in (".csv", ".tsv") else 1)
 
 
-def _peek_columns(path: Path) -> list[str] | None:
+def _peek_columns(path: Path, key: str) -> list[str] | None:
     """Column names from a file's header or first record, without loading the file."""
     if path.suffix == ".parquet":
+        import pyarrow
         import pyarrow.parquet
 
-        return pyarrow.parquet.read_schema(path).names
+        try:
+            return pyarrow.parquet.read_schema(path).names
+        except (pyarrow.ArrowException, OSError) as err:
+            raise DataError(f"data.{key}: {path} cannot be read as parquet: "
+                            f"{str(err).splitlines()[0]}") from None
     with path.open(encoding="utf-8-sig", errors="replace") as f:  # -sig: Excel's BOM
         first = f.readline().rstrip("\r\n")
     if path.suffix in (".csv", ".tsv"):
@@ -124,6 +160,13 @@ def _check_label_values(raw: datasets.Dataset, cfg: DataConfig, where: str) -> N
     become a class of its own ('None', 'nan'), a fractional one a class per value."""
     column = cfg.label_column
     feature = raw.features.get(column)
+    if type(feature).__name__ == "Json":  # `datasets` keeps a column of mixed types as JSON
+        values = raw[column]
+        number = next((v for v in values if isinstance(v, (int, float))), None)
+        name = next((v for v in values if isinstance(v, str)), None)
+        if number is not None and name is not None:
+            raise DataError(f"data.label_column: {where} mixes label types ({number!r} and "
+                            f"{name!r}); expected all class ids (integers) or all class names")
     if not isinstance(feature, datasets.Value):  # class ids, or a task's own labels (lists,
         return  # answers), which that task checks
     values = raw.unique(column)

@@ -92,16 +92,17 @@ def tokenize_labelled(cfg: DataConfig, tokenizer, split: str,
 
 
 def _check_texts(batch: dict, cfg: DataConfig) -> None:
-    """A row without text: the tokenizer would stop with a message naming neither."""
+    """A row without text (null, or empty): the tokenizer would stop with a message naming
+    neither, or make a row of [CLS] [SEP] alone that the teacher still labels."""
     for key in ("text_column", "text_pair_column"):
         column = getattr(cfg, key)
         if column is None:
             continue
         ids = [i for i, text in zip(batch["example_id"], batch[column], strict=True)
-               if not isinstance(text, str)]
+               if not isinstance(text, str) or not text.strip()]
         if ids:
             raise DataError(f"data.{key}: rows with example ids {ids[:5]} have no text in "
-                            f"column {column!r}; expected a string in every row")
+                            f"column {column!r}; expected a non-empty string in every row")
 
 
 def fingerprint(dataset: datasets.Dataset, max_length: int) -> str:

@@ -46,6 +46,19 @@ def data_file(name: str, text: str):
     return setup
 
 
+def data_path(name: str, make):
+    """data.train_file set to a path that `make(path)` turns into something else."""
+    def setup(p, tmp):
+        make(tmp / name)
+        return {"data": {"train_file": str(tmp / name)}}, []
+    return setup
+
+
+def link_loop(path):
+    path.symlink_to(path.with_name("other.tsv"))
+    path.with_name("other.tsv").symlink_to(path)
+
+
 def sections(**values):
     return lambda p, tmp: (values, [])
 
@@ -190,6 +203,31 @@ CASES = {
     "label out of range": Case("distill", data_file("train.jsonl", '{"sentence": "the plot", '
                                                     '"label": 2}\n'),
                                "train labels ['2'] are not among the training labels ['0', '1']"),
+    "tab inside a quoted TSV field": Case("distill", data_file(
+        "train.tsv", 'sentence\tlabel\n"a good\tfilm"\t1\nthe plot\t0\n'),
+        "line(s) [2] of {tmp}/train.tsv (1 in all) do not have the header's 2 tab-separated"),
+    "data file is a folder": Case("distill", data_path("train.tsv", lambda p: p.mkdir()),
+                                  "{tmp}/train.tsv is a folder; expected a data file"),
+    "data file is a loop of links": Case("distill", data_path("train.tsv", link_loop),
+                                         "{tmp}/train.tsv is a loop of links"),
+    "labels of mixed types": Case("distill", data_file(
+        "train.jsonl", '{"sentence": "a", "label": 1}\n{"sentence": "b", "label": "pos"}\n'),
+        "mixes label types (1 and 'pos'); expected all class ids"),
+    "corrupt parquet": Case("distill", data_path("train.parquet", lambda p: p.write_bytes(
+        b"PAR1" + bytes(range(200)) + b"PAR1")), "{tmp}/train.parquet cannot be read as parquet"),
+    "empty text": Case("distill", data_file("train.jsonl", '{"sentence": "the plot", "label": 1}'
+                                            '\n{"sentence": " ", "label": 0}\n'),
+                       "rows with example ids [1] have no text in column 'sentence'"),
+    "finetune.eval_every": Case("config", sections(finetune={"eval_every": 5}),
+                                "finetune.eval_every: expected null (evaluation during training"),
+    "teacher hidden size 10^9": Case("config", sections(teacher={"config": TINY | {
+        "hidden_size": 10**9, "num_attention_heads": 1}}),
+        "teacher.config: a model of this shape holds about"),
+    "teacher hidden size 130 with 12 heads": Case("config", sections(teacher={"config": TINY | {
+        "hidden_size": 130, "num_attention_heads": 12}}),
+        "teacher.config.hidden_size: expected a multiple of num_attention_heads (12), got 130"),
+    "teacher negative layers": Case("config", sections(teacher={"config": TINY | {
+        "num_hidden_layers": -2}}), "teacher.config.num_hidden_layers: expected an integer > 0"),
     "negative label": Case("finetune", negative_label, "labels must be >= 0, found -1"),
     "max_length beyond positions": Case("distill", sections(data={"max_length": 512}),
                                         "data.max_length: expected at most 32"),
@@ -236,6 +274,9 @@ CASES = {
                                      "teacher_sha256: cache has"),
     "cache format version 2": Case("distill", cache_copy(lambda c: edit_manifest(
         c, format_version=2)), "manifest field 'format_version': expected 1, got 2"),
+    "manifest of random bytes": Case("distill", cache_copy(
+        lambda c: (c / "manifest.json").write_bytes(b"\xff\xfe\x00\x9c" * 16)),
+        "the manifest cannot be read as UTF-8 JSON"),
     "manifest not JSON": Case("distill", cache_copy(
         lambda c: (c / "manifest.json").write_text("{")), "manifest is not valid JSON"),
     "shard missing": Case("distill", cache_copy(
