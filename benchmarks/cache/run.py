@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
+from benchmarks.provenance import provenance
 from kdscale.cache import write_shard
 from kdscale.commands.demo import build_demo_tokenizer, write_demo_task
 from kdscale.commands.report import device_name
@@ -111,6 +112,40 @@ def topk_sizes(root: Path, vocab: int, rows: int, ks: list[int]) -> list[dict]:
     return results
 
 
+def verify_cost(root: Path, mib: int, vocab: int = 30522, shard_rows: int = 2048) -> dict:
+    """What `cache.verify` costs before a distill run: a cache of `mib` MiB of fp16 logits
+    (cold files are slower; these were just written, as on a node that built its cache),
+    read once for its checksums alone (the floor: every byte must be read) and once for
+    checksums and finite values (what distill does)."""
+    from kdscale.cache import finalize_cache
+    from kdscale.cache.verify import damaged_shards
+    from kdscale.files import sha256_file
+
+    rows = max(1, mib * 2**20 // (2 * vocab))
+    generator = torch.Generator().manual_seed(0)
+    directory = root / "verify"
+    for index, start in enumerate(range(0, rows, shard_rows)):
+        n = min(shard_rows, rows - start)
+        write_shard(directory, index, example_ids=torch.arange(start, start + n),
+                    logits=torch.randn(n, vocab, generator=generator), dtype="float16",
+                    num_outputs=vocab, plan_id="bench-verify")
+    manifest = finalize_cache(directory, num_shards=index + 1, plan_id="bench-verify",
+                              kind="dense", num_outputs=vocab, k=None, dtype="float16",
+                              teacher={}, tokenizer_sha256=None, data_fingerprint="bench")
+    size = sum(s["bytes"] for s in manifest.shards)
+    start = time.perf_counter()
+    for shard in manifest.shards:
+        sha256_file(directory / shard["file"])
+    checksums_s = time.perf_counter() - start
+    start = time.perf_counter()
+    if damaged_shards(directory, manifest):
+        raise RuntimeError(f"the benchmark's own cache at {directory} reads as damaged")
+    verify_s = time.perf_counter() - start
+    gib = size / 2**30
+    return {"bytes": size, "shards": len(manifest.shards), "checksums_s_per_gib": checksums_s / gib,
+            "verify_s_per_gib": verify_s / gib}
+
+
 def print_tables(result: dict) -> None:
     t = result["throughput"]
     print(f"\ncache throughput on {result['device']} ({t['examples']} examples, batch "
@@ -119,6 +154,10 @@ def print_tables(result: dict) -> None:
     print(f"{'plain model(**batch) loop':>26}  {t['plain_s']:8.2f}  {t['plain_ex_per_s']:10.1f}")
     print(f"{'kdscale cache writer':>26}  {t['kdscale_s']:8.2f}  {t['kdscale_ex_per_s']:10.1f}")
     print(f"kdscale overhead: {t['overhead']:+.1%}")
+    v = result["verify"]
+    print(f"\ncache.verify on {v['bytes'] / 2**20:.0f} MiB in {v['shards']} shards: "
+          f"{v['verify_s_per_gib']:.2f} s per GiB (checksums and finite values), against "
+          f"{v['checksums_s_per_gib']:.2f} s per GiB for the checksums alone")
     print(f"\n{'k':>4}  {'dense fp16 B/pos':>16}  {'top-k B/pos':>11}  {'smaller':>8}")
     for row in result["topk"]:
         print(f"{row['k']:>4}  {row['dense_bytes_per_position']:16.0f}  "
@@ -133,13 +172,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--vocab", type=int, default=30522)
+    parser.add_argument("--verify_mib", type=int, default=512, help="cache size for the "
+                        "cache.verify measurement")
     parser.add_argument("--out", default="runs/bench/cache.json", help="JSON results file")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        result = {"device": device_name(), "torch": torch.__version__,
+        result = {"device": device_name(), "torch": torch.__version__, **provenance(),
                   "threads": torch.get_num_threads(),
                   "throughput": throughput(args, Path(tmp)),
-                  "topk": topk_sizes(Path(tmp), args.vocab, rows=256, ks=[32, 64])}
+                  "topk": topk_sizes(Path(tmp), args.vocab, rows=256, ks=[32, 64]),
+                  "verify": verify_cost(Path(tmp), args.verify_mib, args.vocab)}
     print_tables(result)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -46,6 +46,14 @@ def write_sidecar(directory: Path, index: int, data: bytes, *, rows: int, exampl
     return sidecar
 
 
+def restore_sidecar(directory: Path, index: int, shard: dict[str, Any], plan_id: str) -> None:
+    """Marks shard `index` of a complete cache finished again, from its manifest record (a
+    repair reopens the cache; see `kdscale.cache.verify`)."""
+    sidecar = {key: shard[key] for key in ("file", "rows", "examples", "sha256", "bytes")}
+    write_json_atomic(directory / sidecar_name(index), sidecar | {"index": index,
+                                                                   "plan_id": plan_id})
+
+
 def finished_shards(directory: str | os.PathLike, plan_id: str) -> dict[int, dict[str, Any]]:
     """{index: sidecar} of this plan's finished shards: sidecar present, file of its size.
 

@@ -25,8 +25,9 @@ from kdscale.cache import (
     read_manifest,
     write_shard,
 )
-from kdscale.cache.format import MANIFEST_NAME
+from kdscale.cache.format import MANIFEST_NAME, shard_plan_id
 from kdscale.cache.plan import ShardPlan, plan_id, plan_shards
+from kdscale.cache.verify import damaged_shards, reopen_for_repair
 from kdscale.config import Config
 from kdscale.data import TaskData, check_sources, check_unknown_rate
 from kdscale.distributed import process_state
@@ -69,18 +70,28 @@ def run_cache(config: Config) -> None:
     state = process_state()
     job = plan_job(config, state)
     differs = _differences(job)
-    if differs == []:
-        state.print(f"cache {config.cache_dir} is complete for this teacher and data; "
-                    f"nothing to do")
+    damaged = _damaged(job) if differs == [] else {}
+    if differs == [] and not damaged:
+        state.print(f"cache {config.cache_dir} is complete for this teacher and data, every "
+                    f"shard whole; nothing to do")
         return
     # The teacher loads before anything is refused or removed: a damaged teacher is named as
     # such, never mistaken for another teacher, and never costs the cache it would replace.
     runner = load_runner(config, state, config.cache.batch_size)
     if differs and not config.cache.overwrite:
-        raise CacheError(f"cache {config.cache_dir} holds logits of other {', '.join(differs)}; "
+        raise CacheError(f"cache {config.cache_dir} holds {', '.join(differs)}; "
                          f"set --cache.overwrite true to replace it (it is kept until the new "
                          f"cache is complete), or choose another --cache.dir")
-    job.directory = _staging_dir(config.cache_dir) if differs else config.cache_dir
+    # In place: a new cache, or a repair of shards this plan wrote. Beside, then swapped in:
+    # a cache of other settings, or a damaged one of another shard plan (cache.shard_rows).
+    in_place = differs is None or (damaged and _same_plan(job, damaged))
+    job.directory = config.cache_dir if in_place else _staging_dir(config.cache_dir)
+    if damaged:
+        state.print(f"cache {config.cache_dir}: rewriting damaged shard(s) "
+                    f"{', '.join(f'{i} ({why})' for i, why in damaged.items())}")
+    if state.is_main_process and damaged and in_place:
+        reopen_for_repair(config.cache_dir, read_manifest(config.cache_dir), damaged,
+                          job.plan_id)
     if state.is_main_process:
         _prepare_directory(job)
     state.wait_for_everyone()
@@ -131,17 +142,35 @@ def _differences(job: CacheJob) -> list[str] | None:
     directory = job.config.cache_dir
     if not (directory / MANIFEST_NAME).is_file():
         return None
-    manifest, meta = read_manifest(directory), job.meta
-    checks = {
-        "teacher weights": manifest.teacher.get("weights_sha256")
+    try:
+        manifest, meta = read_manifest(directory), job.meta
+    except CacheError as err:
+        return [f"a damaged manifest ({err})"]
+    checks = {  # what the refusal names: "cache X holds <these>"
+        "logits of other teacher weights": manifest.teacher.get("weights_sha256")
         == meta["teacher"]["weights_sha256"],
-        "data": manifest.data_fingerprint == meta["data_fingerprint"],
-        "tokenizer": manifest.tokenizer_sha256 == meta["tokenizer_sha256"],
-        "settings (kind, k, dtype, masking)": (manifest.kind, manifest.k, manifest.dtype,
-                                                manifest.masking)
-        == (meta["kind"], meta["k"], meta["dtype"], meta["masking"]),
+        "logits of other data": manifest.data_fingerprint == meta["data_fingerprint"],
+        "logits of another tokenizer's inputs":
+            manifest.tokenizer_sha256 == meta["tokenizer_sha256"],
+        "other settings (kind, k, dtype, masking)":
+            (manifest.kind, manifest.k, manifest.dtype, manifest.masking)
+            == (meta["kind"], meta["k"], meta["dtype"], meta["masking"]),
     }
     return [what for what, same in checks.items() if not same]
+
+
+def _damaged(job: CacheJob) -> dict[int, str]:
+    """Shards of a complete cache of this job that are not whole; every process reads the
+    same answer from the same files."""
+    directory = job.config.cache_dir
+    return damaged_shards(directory, read_manifest(directory))
+
+
+def _same_plan(job: CacheJob, damaged: dict[int, str]) -> bool:
+    """The whole shards were cut by this job's plan, so they can stand beside rewritten ones."""
+    manifest = read_manifest(job.config.cache_dir)
+    return all(shard_plan_id(job.config.cache_dir / shard["file"]) == job.plan_id
+               for i, shard in enumerate(manifest.shards) if i not in damaged)
 
 
 def _staging_dir(cache_dir: Path) -> Path:

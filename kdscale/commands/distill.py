@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from kdscale.cache import LogitCache
 from kdscale.cache.collator import EnsembleLogitsCollator, TeacherLogitsCollator
+from kdscale.cache.verify import verify_cache
 from kdscale.commands.stage import begin_stage, start_accelerator, train_and_save
 from kdscale.config import Config, ConfigError, StudentConfig
 from kdscale.config.intermediate import intermediate_config
@@ -35,7 +36,7 @@ def open_caches(config: Config, task: Task) -> list[LogitCache]:
     if not config.cache.ensemble:
         cache = LogitCache(config.cache_dir)
         _check_kind(cache, task, "cache.dir", config.cache_dir)
-        return [cache]
+        return _verified(config, [cache])
     if task.name != "classification":
         raise ConfigError(f"cache.ensemble: averaging teachers is for classification; task "
                           f"{task.name} reads one cache (cache.dir)")
@@ -44,6 +45,15 @@ def open_caches(config: Config, task: Task) -> list[LogitCache]:
         if cache.manifest.kind != "dense":
             raise ConfigError(f"cache.ensemble: {directory} holds top-k logits; an ensemble "
                               f"averages dense caches")
+    return _verified(config, caches)
+
+
+def _verified(config: Config, caches: list[LogitCache]) -> list[LogitCache]:
+    """Every byte the student will read, checked before the first step: a damaged shard
+    found at its batch would stop the job hours in, or train on it unseen."""
+    if config.cache.verify:
+        for cache in caches:
+            verify_cache(cache.directory, cache.manifest)
     return caches
 
 

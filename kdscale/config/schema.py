@@ -106,6 +106,8 @@ class CacheConfig:
     shard_rows: int = 8192  # rows per shard file: the unit of work, of resume and of reading
     batch_size: int = 64  # teacher forward batch while caching
     overwrite: bool = False  # replace a complete cache built from another teacher or data
+    # distill reads every shard once before the first step (checksums, finite values)
+    verify: bool = True
 
 
 @dataclass

@@ -158,6 +158,13 @@ def tokenizer_of_other_words(p, tmp):
     return finetune(lambda p, tmp: {"tokenizer": str(tmp / "other_tokenizer")})(p, tmp)
 
 
+def flip_a_bit(cache):
+    shard = cache / "shard-00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0x01  # inside the last logits: the file still parses, with one value changed
+    shard.write_bytes(bytes(data))
+
+
 def fresh_run(**distill):
     """A new output folder holding a good student already (a run that trains from step 0)."""
     def setup(p, tmp):
@@ -303,7 +310,15 @@ CASES = {
         "teacher logits are not finite for example ids"),
     "NaN logits in a cache": Case("distill", lambda p, tmp: (cache_copy(nan_logits)(p, tmp)[0]
                                                              | {"distill": {"max_steps": 3}}, []),
-                                  "holds NaN or inf teacher logits for example ids"),
+                                  "shard-00000.safetensors: it holds NaN or infinite teacher "
+                                  "values"),
+    "NaN logits in a cache, not verified": Case("distill", lambda p, tmp: (cache_copy(
+        nan_logits)(p, tmp)[0] | {"output_dir": str(tmp / "fresh")}, ["--cache.verify", "false"]),
+        "holds NaN or inf teacher logits for example ids"),
+    "one flipped bit in a shard": Case("distill", cache_copy(flip_a_bit),
+                                       "1 damaged shard(s) (shard-00001.safetensors: its bytes "
+                                       "differ from the manifest's sha256). `kdscale cache` with "
+                                       "this config rewrites just those"),
     # training that is not finite: stopped before a checkpoint or a model is written
     "learning rate .inf": Case("config", overrides("--distill.learning_rate", ".inf"),
                                "distill.learning_rate: expected a finite number, got inf"),
@@ -359,7 +374,7 @@ CASES = {
                                      "trainer_state.json is missing or damaged"),
 }
 # Rows that fail while running (a cache's first batch): files may be added, none changed.
-LATE = {"NaN logits in a cache", "diverging learning rate (distill)", "NaN teacher, overwrite on",
+LATE = {"NaN logits in a cache, not verified", "diverging learning rate (distill)", "NaN teacher, overwrite on",
         "diverging learning rate (finetune)"}
 
 
@@ -452,3 +467,39 @@ def test_overwrite_builds_beside_the_cache_and_swaps_it_in_when_complete(pipe, t
     assert json.loads((cache / "manifest.json").read_text())["num_examples"] == 40
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
     assert len(LogitCache(cache)) == 40
+
+
+@pytest.mark.parametrize("damage", [
+    flip_a_bit,
+    lambda c: (c / "shard-00002.safetensors").write_bytes(b"\0" * 8),  # truncated
+    lambda c: (c / "shard-00000.safetensors").unlink(),
+    nan_logits,
+], ids=["flipped bit", "truncated", "missing", "NaN values"])
+def test_kdscale_cache_rewrites_just_the_damaged_shards(pipe, tmp_path, damage, capsys):
+    """What distill's refusal advises works: `kdscale cache` finds the damaged shards of a
+    complete cache and rewrites those alone, to the bytes the teacher wrote the first time."""
+    cache = copy_tree(pipe / "cache", tmp_path / "cache")
+    damage(cache)
+    config = write_experiment(pipe, tmp_path / "experiment.yaml", output_dir=str(tmp_path),
+                              cache={"dir": str(cache)})
+    untouched = {p.name: p.stat().st_mtime_ns for p in cache.glob("shard-*")}
+    run_command("cache", config)
+    assert "rewriting damaged shard(s)" in capsys.readouterr().out
+    assert snapshot(cache) == {k.replace(str(pipe), str(tmp_path)): v
+                               for k, v in snapshot(pipe / "cache").items()
+                               if not k.endswith("build.json")} | {
+        str(cache / "build.json"): snapshot(cache)[str(cache / "build.json")]}
+    rewritten = [name for name, mtime in untouched.items()
+                 if (cache / name).stat().st_mtime_ns != mtime]
+    assert len(rewritten) <= 1 or damage is nan_logits
+
+
+def test_a_damaged_manifest_is_rebuilt_beside_with_overwrite(pipe, tmp_path):
+    cache = copy_tree(pipe / "cache", tmp_path / "cache")
+    (cache / "manifest.json").write_text("{")
+    config = write_experiment(pipe, tmp_path / "experiment.yaml", output_dir=str(tmp_path),
+                              cache={"dir": str(cache)})
+    with pytest.raises(KdscaleError, match="holds a damaged manifest .*--cache.overwrite true"):
+        run_command("cache", config)
+    run_command("cache", config, ["--cache.overwrite", "true"])
+    assert LogitCache(cache).manifest.num_examples == 48
