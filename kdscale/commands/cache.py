@@ -7,10 +7,13 @@ crash skips the finished shards.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
+import socket
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,20 +71,27 @@ def run_cache(config: Config) -> None:
     check_teacher_deepspeed_config(config.teacher)
     check_writable(config.cache_dir, "cache.dir")
     state = process_state()
-    job = plan_job(config, state)
-    differs = _differences(job)
-    damaged = _damaged(job) if differs == [] else {}
-    if differs == [] and not damaged:
-        state.print(f"cache {config.cache_dir} is complete for this teacher and data, every "
-                    f"shard whole; nothing to do")
-        return
-    # The teacher loads before anything is refused or removed: a damaged teacher is named as
-    # such, never mistaken for another teacher, and never costs the cache it would replace.
-    runner = load_runner(config, state, config.cache.batch_size)
-    if differs and not config.cache.overwrite:
-        raise CacheError(f"cache {config.cache_dir} holds {', '.join(differs)}; "
-                         f"set --cache.overwrite true to replace it (it is kept until the new "
-                         f"cache is complete), or choose another --cache.dir")
+    with build_lock(config.cache_dir, state):
+        job = plan_job(config, state)
+        differs = _differences(job)
+        damaged = _damaged(job) if differs == [] else {}
+        if differs == [] and not damaged:
+            state.print(f"cache {config.cache_dir} is complete for this teacher and data, "
+                        f"every shard whole; nothing to do")
+            return
+        # The teacher loads before anything is refused or removed: a damaged teacher is named
+        # as such, never mistaken for another one, and never costs the cache it would replace.
+        runner = load_runner(config, state, config.cache.batch_size)
+        if differs and not config.cache.overwrite:
+            raise CacheError(f"cache {config.cache_dir} holds {', '.join(differs)}; set "
+                             f"--cache.overwrite true to replace it (it is kept until the new "
+                             f"cache is complete), or choose another --cache.dir")
+        _build(job, runner, state, differs, damaged)
+
+
+def _build(job: CacheJob, runner: TeacherRunner, state, differs: list[str] | None,
+           damaged: dict[int, str]) -> None:
+    config = job.config
     # In place: a new cache, or a repair of shards this plan wrote. Beside, then swapped in:
     # a cache of other settings, or a damaged one of another shard plan (cache.shard_rows).
     in_place = differs is None or (damaged and _same_plan(job, damaged))
@@ -134,6 +144,42 @@ def plan_job(config: Config, state) -> CacheJob:
     identity = plan_id(shard_rows=cache.shard_rows, **meta)
     return CacheJob(config, data, plan, identity, meta, tokenizer, task, layout,
                     config.cache_dir)
+
+
+@contextmanager
+def build_lock(cache_dir: Path, state):
+    """One `kdscale cache` at a time per cache folder: a second one stops at once, naming the
+    first, rather than doing all the work again and failing at the end. The main process
+    holds an exclusive lock on a file beside the cache (removed when done)."""
+    lock = cache_dir.parent / f".{cache_dir.name}.lock"
+    handle, holder = _take_lock(lock) if state.is_main_process else (None, None)
+    if _max_over_processes(int(holder is not None), state):
+        raise CacheError(f"cache {cache_dir} is being built by another `kdscale cache` "
+                         f"({holder or 'see the main process'}); wait for it to finish, or "
+                         f"choose another --cache.dir")
+    try:
+        yield
+    finally:
+        if handle is not None:
+            lock.unlink(missing_ok=True)
+            handle.close()  # closing releases the lock
+
+
+def _take_lock(lock: Path):
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(lock, "a+")  # noqa: SIM115 - held open for the whole build
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "its process is unknown"
+        handle.close()
+        return None, holder
+    handle.truncate(0)
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()} since "
+                 f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    handle.flush()
+    return handle, None
 
 
 def _differences(job: CacheJob) -> list[str] | None:

@@ -148,11 +148,13 @@ def run_demo(output_dir: str, overrides: list[str] | None = None) -> dict:
     from kdscale.commands.finetune import run_finetune
     from kdscale.config import parse_overrides, set_dotted
     from kdscale.distributed import process_state
+    from kdscale.files import check_writable
 
     extra = {"cache": {"overwrite": True}}  # the demo owns its output directory
     for key, value in parse_overrides(overrides or []):
         set_dotted(extra, key, value)
     config = demo_config(output_dir, extra)
+    check_writable(config.output_dir, "--output_dir")  # a file there, or a read-only folder
     state = process_state()
     if state.is_main_process:  # one writer for the shared files; the others wait for them
         prepare_demo_files(config)

@@ -165,6 +165,22 @@ def flip_a_bit(cache):
     shard.write_bytes(bytes(data))
 
 
+HELD = []  # open lock files, held for the test that took them
+
+
+def cache_being_built(p, tmp):
+    """Another `kdscale cache` holds the cache's lock (any open file description conflicts)."""
+    import fcntl
+
+    copy_tree(p / "cache", tmp / "cache")
+    handle = open(tmp / ".cache.lock", "a+")  # noqa: SIM115 - held for the test
+    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    handle.write("pid 4242 on node7 since 2026-12-05 04:00:00\n")
+    handle.flush()
+    HELD.append(handle)
+    return {"cache": {"dir": str(tmp / "cache"), "overwrite": True}}, []
+
+
 def fresh_run(**distill):
     """A new output folder holding a good student already (a run that trains from step 0)."""
     def setup(p, tmp):
@@ -292,6 +308,9 @@ CASES = {
                                                   .write_bytes(b"\0" * 8)),
                             "has 8 bytes, the manifest records"),
     "top-k cache for a classifier": Case("distill", topk_cache, "holds top-1 logits"),
+    "cache being built by another job": Case(
+        "cache", cache_being_built, "cache {tmp}/cache is being built by another `kdscale "
+        "cache` (pid 4242 on node7 since 2026-12-05 04:00:00); wait for it to finish"),
     "k beyond the outputs": Case("cache", sections(cache={"kind": "topk", "k": 5,
                                                           "dir": "elsewhere"}),
                                  "cache.k: expected at most the teacher's 2 outputs, got 5"),
@@ -374,8 +393,8 @@ CASES = {
                                      "trainer_state.json is missing or damaged"),
 }
 # Rows that fail while running (a cache's first batch): files may be added, none changed.
-LATE = {"NaN logits in a cache, not verified", "diverging learning rate (distill)", "NaN teacher, overwrite on",
-        "diverging learning rate (finetune)"}
+LATE = {"NaN logits in a cache, not verified", "diverging learning rate (distill)",
+        "NaN teacher, overwrite on", "diverging learning rate (finetune)"}
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -391,6 +410,9 @@ def test_bad_input_is_refused_and_nothing_written_changes(pipe, tmp_path, monkey
     before = snapshot(pipe, tmp_path)
     with pytest.raises(KdscaleError) as raised:
         run_command(case.command, config, args)
+    for handle in HELD:
+        handle.close()
+    HELD.clear()
     assert case.fragment.format(tmp=tmp_path) in str(raised.value)
     after = snapshot(pipe, tmp_path)
     if name in LATE:
