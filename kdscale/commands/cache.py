@@ -7,13 +7,8 @@ crash skips the finished shards.
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
-import shutil
-import socket
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +23,7 @@ from kdscale.cache import (
     read_manifest,
     write_shard,
 )
+from kdscale.cache.building import build_lock, max_over_processes, staging_dir, swap_in
 from kdscale.cache.format import MANIFEST_NAME, shard_plan_id
 from kdscale.cache.plan import ShardPlan, plan_id, plan_shards
 from kdscale.cache.verify import damaged_shards, reopen_for_repair
@@ -95,7 +91,7 @@ def _build(job: CacheJob, runner: TeacherRunner, state, differs: list[str] | Non
     # In place: a new cache, or a repair of shards this plan wrote. Beside, then swapped in:
     # a cache of other settings, or a damaged one of another shard plan (cache.shard_rows).
     in_place = differs is None or (damaged and _same_plan(job, damaged))
-    job.directory = config.cache_dir if in_place else _staging_dir(config.cache_dir)
+    job.directory = config.cache_dir if in_place else staging_dir(config.cache_dir)
     if damaged:
         state.print(f"cache {config.cache_dir}: rewriting damaged shard(s) "
                     f"{', '.join(f'{i} ({why})' for i, why in damaged.items())}")
@@ -117,7 +113,7 @@ def _build(job: CacheJob, runner: TeacherRunner, state, differs: list[str] | Non
         manifest = finalize_cache(job.directory, num_shards=len(job.plan.shards),
                                   plan_id=job.plan_id, **job.meta)
         if job.directory != config.cache_dir:
-            _swap_in(job.directory, config.cache_dir)
+            swap_in(job.directory, config.cache_dir)
         report_numbers(job, manifest, all_stats, runner)
     state.wait_for_everyone()
 
@@ -146,40 +142,8 @@ def plan_job(config: Config, state) -> CacheJob:
                     config.cache_dir)
 
 
-@contextmanager
-def build_lock(cache_dir: Path, state):
-    """One `kdscale cache` at a time per cache folder: a second one stops at once, naming the
-    first, rather than doing all the work again and failing at the end. The main process
-    holds an exclusive lock on a file beside the cache (removed when done)."""
-    lock = cache_dir.parent / f".{cache_dir.name}.lock"
-    handle, holder = _take_lock(lock) if state.is_main_process else (None, None)
-    if _max_over_processes(int(holder is not None), state):
-        raise CacheError(f"cache {cache_dir} is being built by another `kdscale cache` "
-                         f"({holder or 'see the main process'}); wait for it to finish, or "
-                         f"choose another --cache.dir")
-    try:
-        yield
-    finally:
-        if handle is not None:
-            lock.unlink(missing_ok=True)
-            handle.close()  # closing releases the lock
 
 
-def _take_lock(lock: Path):
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(lock, "a+")  # noqa: SIM115 - held open for the whole build
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "its process is unknown"
-        handle.close()
-        return None, holder
-    handle.truncate(0)
-    handle.write(f"pid {os.getpid()} on {socket.gethostname()} since "
-                 f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    handle.flush()
-    return handle, None
 
 
 def _differences(job: CacheJob) -> list[str] | None:
@@ -219,18 +183,8 @@ def _same_plan(job: CacheJob, damaged: dict[int, str]) -> bool:
                for i, shard in enumerate(manifest.shards) if i not in damaged)
 
 
-def _staging_dir(cache_dir: Path) -> Path:
-    """Beside the cache, named from it: a rerun after a crash finds its finished shards."""
-    return cache_dir.parent / f".{cache_dir.name}.building"
 
 
-def _swap_in(new: Path, cache_dir: Path) -> None:
-    """The finished cache takes the old one's place; the old one is removed only then."""
-    old = cache_dir.parent / f".{cache_dir.name}.replaced"
-    shutil.rmtree(old, ignore_errors=True)
-    os.replace(cache_dir, old)
-    os.replace(new, cache_dir)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _prepare_directory(job: CacheJob) -> None:
@@ -253,7 +207,7 @@ def write_shards(job: CacheJob, runner: TeacherRunner, shards: list[int], state)
     steps = [(s, b) for s in shards for b in job.plan.batches(s, batch_size)]
     total = len(steps)
     if runner.placement != "replicate":
-        total = _max_over_processes(total, state)
+        total = max_over_processes(total, state)
     collate = job.task.collator(job.tokenizer)
     progress = _progress(total * job.config.cache.batch_size, state)
     start, rows_done, pending, examples = time.perf_counter(), 0, {}, {}
@@ -286,12 +240,6 @@ def _write(job: CacheJob, shard: int, parts: list[dict]) -> None:
                 **tensors)
 
 
-def _max_over_processes(value: int, state) -> int:
-    if state.num_processes == 1:
-        return value
-    tensor = torch.tensor([value], device=state.device)
-    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
-    return int(tensor.item())
 
 
 def _gather(stats: dict, state) -> list[dict]:

@@ -1,19 +1,45 @@
 """Wrong inputs, one row each: configs, data, models, caches, checkpoints and launch settings.
 Every row stops with a KdscaleError naming the problem, before anything already written (the
-teacher, the cache, a run's student and checkpoints) changes by a byte."""
+teacher, the cache, a run's student and checkpoints) changes by a byte. Over 300 lines on
+purpose: one table of every case, so a reader sees the classes side by side (the setups are in
+tests/support/bad_cases.py)."""
 
 from __future__ import annotations
 
 import json
 import shutil
-from typing import NamedTuple
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from kdscale.cache import LogitCache
 from kdscale.errors import KdscaleError
+from tests.support.bad_cases import (
+    CLASSIFIER,
+    HELD,
+    TINY,
+    Case,
+    cache_being_built,
+    cache_copy,
+    checkpoint,
+    damaged_teacher,
+    data_file,
+    data_path,
+    deepspeed_file,
+    finetune,
+    flip_a_bit,
+    fresh_run,
+    launch_deepspeed,
+    link_loop,
+    negative_label,
+    other_teacher,
+    overrides,
+    pretrained_student,
+    sections,
+    teacher_without_tokenizer,
+    tokenizer_of_other_words,
+    truncated_teacher,
+)
 from tests.support.bad_input import (
     changed,
     copy_tree,
@@ -29,167 +55,6 @@ from tests.support.bad_input import (
     write_experiment,
 )
 
-TINY = {"vocab_size": 50, "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
-        "intermediate_size": 16}
-
-
-class Case(NamedTuple):
-    command: str
-    setup: object  # (pipeline root, scratch dir) -> (experiment sections, overrides)
-    fragment: str
-
-
-def data_file(name: str, text: str):
-    def setup(p, tmp):
-        (tmp / name).write_text(text)
-        return {"data": {"train_file": str(tmp / name)}}, []
-    return setup
-
-
-def data_path(name: str, make):
-    """data.train_file set to a path that `make(path)` turns into something else."""
-    def setup(p, tmp):
-        make(tmp / name)
-        return {"data": {"train_file": str(tmp / name)}}, []
-    return setup
-
-
-def link_loop(path):
-    path.symlink_to(path.with_name("other.tsv"))
-    path.with_name("other.tsv").symlink_to(path)
-
-
-def sections(**values):
-    return lambda p, tmp: (values, [])
-
-
-def overrides(*args):
-    return lambda p, tmp: ({}, list(args))
-
-
-def finetune(teacher):
-    """A teacher fine-tuned from scratch with the demo tokenizer (a tiny config by default)."""
-    def setup(p, tmp):
-        base = {"config": TINY | {"vocab_size": 114}, "tokenizer": str(p / "teacher"),
-                "checkpoint": str(tmp / "new_teacher")}
-        return {"teacher": base | teacher(p, tmp), "finetune": {"report_to": "none"}}, []
-    return setup
-
-
-def cache_copy(change):
-    def setup(p, tmp):
-        change(copy_tree(p / "cache", tmp / "cache"))
-        return {"cache": {"dir": str(tmp / "cache")}}, []
-    return setup
-
-
-def other_teacher(change, command_sections=None):
-    def setup(p, tmp):
-        teacher = resave_teacher(p / "teacher", tmp / "teacher", change)
-        return {"teacher": {"checkpoint": str(teacher)}, **(command_sections or {})}, []
-    return setup
-
-
-def deepspeed_file(text: str):
-    def setup(p, tmp):
-        (tmp / "ds.json").write_text(text)
-        return {"teacher": {"placement": "zero3", "deepspeed_config": str(tmp / "ds.json")}}, []
-    return setup
-
-
-def launch_deepspeed(text: str):
-    def setup(p, tmp):
-        (tmp / "ds.json").write_text(text)
-        return {}, [], {"ACCELERATE_USE_DEEPSPEED": "true",
-                        "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(tmp / "ds.json")}
-    return setup
-
-
-def checkpoint(change, **distill):
-    def setup(p, tmp):
-        change(tmp / "run")
-        return {"distill": distill}, []
-    return setup
-
-
-def pretrained_student(p, tmp):
-    from transformers import BertConfig, BertForSequenceClassification
-
-    BertForSequenceClassification(BertConfig(**TINY)).save_pretrained(tmp / "small")
-    return {"student": {"model": str(tmp / "small")}}, []
-
-
-def negative_label(p, tmp):
-    data, _ = data_file("train.jsonl", '{"sentence": "a", "label": -1}\n')(p, tmp)
-    return finetune(lambda p, tmp: {})(p, tmp)[0] | data, []
-
-
-def damaged_teacher(p, tmp):
-    teacher = copy_tree(p / "teacher", tmp / "t")
-    (teacher / "model.safetensors").write_bytes(b"\x10" + b"\0" * 7 + b"{")  # header cut short
-    return {"teacher": {"checkpoint": str(teacher)}}, []
-
-
-def truncated_teacher(p, tmp):
-    """A copy of the teacher cut short mid-copy, with overwrite on: the cache must survive."""
-    weights = copy_tree(p / "teacher", tmp / "teacher") / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    return {"teacher": {"checkpoint": str(tmp / "teacher")}}, ["--cache.overwrite", "true"]
-
-
-def teacher_without_tokenizer(command_sections=None):
-    """The teacher's folder as it is when its tokenizer files were never copied."""
-    def setup(p, tmp):
-        teacher = copy_tree(p / "teacher", tmp / "bare")
-        for path in teacher.iterdir():
-            if path.name.startswith(("tokenizer", "special_tokens", "vocab")):
-                path.unlink()
-        return {"teacher": {"checkpoint": str(teacher)}, **(command_sections or {})}, []
-    return setup
-
-
-def tokenizer_of_other_words(p, tmp):
-    """A tokenizer as large as the teacher's vocabulary whose words are not the data's."""
-    from kdscale.commands.demo import demo_vocabulary, word_level_tokenizer
-
-    specials = [t for t in demo_vocabulary() if t.startswith("[")]
-    others = [f"zz{i}" for i in range(len(demo_vocabulary()) - len(specials))]
-    word_level_tokenizer(specials + others).save_pretrained(tmp / "other_tokenizer")
-    return finetune(lambda p, tmp: {"tokenizer": str(tmp / "other_tokenizer")})(p, tmp)
-
-
-def flip_a_bit(cache):
-    shard = cache / "shard-00001.safetensors"
-    data = bytearray(shard.read_bytes())
-    data[-3] ^= 0x01  # inside the last logits: the file still parses, with one value changed
-    shard.write_bytes(bytes(data))
-
-
-HELD = []  # open lock files, held for the test that took them
-
-
-def cache_being_built(p, tmp):
-    """Another `kdscale cache` holds the cache's lock (any open file description conflicts)."""
-    import fcntl
-
-    copy_tree(p / "cache", tmp / "cache")
-    handle = open(tmp / ".cache.lock", "a+")  # noqa: SIM115 - held for the test
-    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    handle.write("pid 4242 on node7 since 2026-12-05 04:00:00\n")
-    handle.flush()
-    HELD.append(handle)
-    return {"cache": {"dir": str(tmp / "cache"), "overwrite": True}}, []
-
-
-def fresh_run(**distill):
-    """A new output folder holding a good student already (a run that trains from step 0)."""
-    def setup(p, tmp):
-        copy_tree(p / "run" / "student", tmp / "fresh" / "student")
-        return {"output_dir": str(tmp / "fresh"), "distill": distill}, []
-    return setup
-
-
-CLASSIFIER = "classifier.weight"
 CASES = {
     # configs
     "unknown key": Case("config", overrides("--loss.temprature", "2"),
@@ -396,7 +261,6 @@ CASES = {
 LATE = {"NaN logits in a cache, not verified", "diverging learning rate (distill)",
         "NaN teacher, overwrite on", "diverging learning rate (finetune)"}
 
-
 @pytest.mark.parametrize("name", list(CASES))
 def test_bad_input_is_refused_and_nothing_written_changes(pipe, tmp_path, monkeypatch, name):
     case = CASES[name]
@@ -419,7 +283,6 @@ def test_bad_input_is_refused_and_nothing_written_changes(pipe, tmp_path, monkey
         after = {path: digest for path, digest in after.items() if path in before}
     assert changed(before, after) == []
 
-
 def test_world_size_change_with_the_same_global_batch_resumes_exactly(pipe, tmp_path, capsys):
     """The data order and every step depend on the global batch alone (processes x rows per
     process; test_trainer_distributed shows 2 x 8 following 1 x 16): a checkpoint written by
@@ -438,20 +301,6 @@ def test_world_size_change_with_the_same_global_batch_resumes_exactly(pipe, tmp_
     log = json.loads((run / "student" / "training_log.json").read_text())
     assert [r["step"] for r in log] == [1, 2]  # the history before the resume is kept
 
-
-def test_nan_teacher_stops_the_cache_job_before_a_shard_is_written(pipe, tmp_path):
-    teacher = resave_teacher(pipe / "teacher", tmp_path / "teacher", set_(CLASSIFIER, float("nan")))
-    config = write_experiment(pipe, tmp_path / "experiment.yaml", output_dir=str(tmp_path),
-                              teacher={"checkpoint": str(teacher), "placement": "replicate"},
-                              cache={"dir": str(tmp_path / "cache")})
-    before = snapshot(pipe)
-    with pytest.raises(KdscaleError, match=r"teacher logits are not finite for example ids"):
-        run_command("cache", config)
-    assert changed(before, snapshot(pipe)) == []
-    assert not list((tmp_path / "cache").glob("shard-*")) and not list(
-        (tmp_path / "cache").glob("manifest.json"))
-
-
 def test_the_command_line_prints_the_error_without_a_traceback(pipe, tmp_path, capsys):
     from kdscale.cli import main
 
@@ -461,7 +310,6 @@ def test_the_command_line_prints_the_error_without_a_traceback(pipe, tmp_path, c
     err = capsys.readouterr().err
     assert "data.max_length: expected at most 32" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
-
 
 def test_a_diverging_run_leaves_only_finite_checkpoints(pipe, tmp_path):
     """The learning rate typo of a user (5e4 for 5e-4): the job stops at the first step whose
@@ -474,54 +322,8 @@ def test_a_diverging_run_leaves_only_finite_checkpoints(pipe, tmp_path):
     stopped_at = int(str(raised.value).split("at step ")[1].split()[0])
     written = sorted((out / "checkpoints" / "distill").glob("step-*"))
     assert [int(p.name.split("-")[1]) for p in written] == list(range(1, stopped_at))[-2:]
-    for checkpoint in written:
-        weights = load_file(checkpoint / "model.safetensors")
-        assert all(torch.isfinite(w).all() for w in weights.values()), checkpoint
+    for saved in written:
+        weights = load_file(saved / "model.safetensors")
+        assert all(torch.isfinite(w).all() for w in weights.values()), saved
     assert not (out / "student").exists()
 
-
-def test_overwrite_builds_beside_the_cache_and_swaps_it_in_when_complete(pipe, tmp_path):
-    cache = copy_tree(pipe / "cache", tmp_path / "cache")
-    config = write_experiment(pipe, tmp_path / "experiment.yaml", output_dir=str(tmp_path),
-                              cache={"dir": str(cache), "overwrite": True},
-                              data={"max_train_examples": 40})
-    run_command("cache", config)
-    assert json.loads((cache / "manifest.json").read_text())["num_examples"] == 40
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
-    assert len(LogitCache(cache)) == 40
-
-
-@pytest.mark.parametrize("damage", [
-    flip_a_bit,
-    lambda c: (c / "shard-00002.safetensors").write_bytes(b"\0" * 8),  # truncated
-    lambda c: (c / "shard-00000.safetensors").unlink(),
-    nan_logits,
-], ids=["flipped bit", "truncated", "missing", "NaN values"])
-def test_kdscale_cache_rewrites_just_the_damaged_shards(pipe, tmp_path, damage, capsys):
-    """What distill's refusal advises works: `kdscale cache` finds the damaged shards of a
-    complete cache and rewrites those alone, to the bytes the teacher wrote the first time."""
-    cache = copy_tree(pipe / "cache", tmp_path / "cache")
-    damage(cache)
-    config = write_experiment(pipe, tmp_path / "experiment.yaml", output_dir=str(tmp_path),
-                              cache={"dir": str(cache)})
-    untouched = {p.name: p.stat().st_mtime_ns for p in cache.glob("shard-*")}
-    run_command("cache", config)
-    assert "rewriting damaged shard(s)" in capsys.readouterr().out
-    assert snapshot(cache) == {k.replace(str(pipe), str(tmp_path)): v
-                               for k, v in snapshot(pipe / "cache").items()
-                               if not k.endswith("build.json")} | {
-        str(cache / "build.json"): snapshot(cache)[str(cache / "build.json")]}
-    rewritten = [name for name, mtime in untouched.items()
-                 if (cache / name).stat().st_mtime_ns != mtime]
-    assert len(rewritten) <= 1 or damage is nan_logits
-
-
-def test_a_damaged_manifest_is_rebuilt_beside_with_overwrite(pipe, tmp_path):
-    cache = copy_tree(pipe / "cache", tmp_path / "cache")
-    (cache / "manifest.json").write_text("{")
-    config = write_experiment(pipe, tmp_path / "experiment.yaml", output_dir=str(tmp_path),
-                              cache={"dir": str(cache)})
-    with pytest.raises(KdscaleError, match="holds a damaged manifest .*--cache.overwrite true"):
-        run_command("cache", config)
-    run_command("cache", config, ["--cache.overwrite", "true"])
-    assert LogitCache(cache).manifest.num_examples == 48

@@ -1,0 +1,75 @@
+"""Where and how a cache is built beside what it replaces: one job per cache folder (a lock
+beside it), a folder beside the cache for a replacement, and the swap that puts a finished
+replacement in the cache's place."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import socket
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from kdscale.cache.format import CacheError
+
+
+@contextmanager
+def build_lock(cache_dir: Path, state):
+    """One `kdscale cache` at a time per cache folder: a second one stops at once, naming the
+    first, rather than doing all the work again and failing at the end. The main process
+    holds an exclusive lock on a file beside the cache (removed when done)."""
+    lock = cache_dir.parent / f".{cache_dir.name}.lock"
+    handle, holder = _take_lock(lock) if state.is_main_process else (None, None)
+    if max_over_processes(int(holder is not None), state):
+        raise CacheError(f"cache {cache_dir} is being built by another `kdscale cache` "
+                         f"({holder or 'see the main process'}); wait for it to finish, or "
+                         f"choose another --cache.dir")
+    try:
+        yield
+    finally:
+        if handle is not None:
+            lock.unlink(missing_ok=True)
+            handle.close()  # closing releases the lock
+
+
+def _take_lock(lock: Path):
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(lock, "a+")  # noqa: SIM115 - held open for the whole build
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "its process is unknown"
+        handle.close()
+        return None, holder
+    handle.truncate(0)
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()} since "
+                 f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    handle.flush()
+    return handle, None
+
+
+def staging_dir(cache_dir: Path) -> Path:
+    """Beside the cache, named from it: a rerun after a crash finds its finished shards."""
+    return cache_dir.parent / f".{cache_dir.name}.building"
+
+
+def swap_in(new: Path, cache_dir: Path) -> None:
+    """The finished cache takes the old one's place; the old one is removed only then."""
+    old = cache_dir.parent / f".{cache_dir.name}.replaced"
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(cache_dir, old)
+    os.replace(new, cache_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def max_over_processes(value: int, state) -> int:
+    if state.num_processes == 1:
+        return value
+    tensor = torch.tensor([value], device=state.device)
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return int(tensor.item())
