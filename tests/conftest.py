@@ -79,3 +79,18 @@ def pipe(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
     build_pipeline(root)
     return root
+
+
+@pytest.fixture
+def sst2():
+    """The SST-2 folder beside the repository (../shared/data/sst2). Where it is missing a
+    test skips, except in CI (CI=true), where a missing folder is a failure: a suite that
+    skipped its real-data tests must not pass there."""
+    from tests.support.sst2 import TRAIN
+
+    if not TRAIN.is_file():
+        message = f"SST-2 not found at {TRAIN} (read from ../shared/data/sst2)"
+        if os.environ.get("CI", "").lower() in ("1", "true"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return TRAIN.parent

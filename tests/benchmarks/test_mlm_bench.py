@@ -11,10 +11,9 @@ import sys
 
 import pytest
 
-from tests.support.sst2 import REPO, TRAIN, tiny_pretrained_bert
+from tests.support.sst2 import REPO, tiny_pretrained_bert
 
-pytestmark = pytest.mark.skipif(not TRAIN.is_file(), reason=f"SST-2 not found at {TRAIN} "
-                                "(the benchmark reads ../shared/data/sst2 beside the repository)")
+pytestmark = pytest.mark.usefixtures("sst2")  # skips without ../shared/data, fails in CI
 TRAIN_ROWS, DEV_ROWS = 64, 32
 
 

@@ -14,12 +14,11 @@ import pytest
 
 from benchmarks.sst2 import report as sst2_report
 from benchmarks.sst2 import run as sst2_run
-from tests.support.sst2 import REPO, TRAIN, tiny_pretrained_bert
+from tests.support.sst2 import REPO, tiny_pretrained_bert
 
 TRAIN_ROWS, DEV_ROWS = 128, 48
 
-pytestmark = pytest.mark.skipif(not TRAIN.is_file(), reason=f"SST-2 not found at {TRAIN} "
-                                "(the benchmark reads ../shared/data/sst2 beside the repository)")
+pytestmark = pytest.mark.usefixtures("sst2")  # skips without ../shared/data, fails in CI
 
 
 

@@ -113,14 +113,15 @@ def test_a_directory_that_is_not_a_cache_is_refused(quick_demo, tmp_path):
 
 @pytest.mark.slow
 def test_full_demo_meets_its_targets(tmp_path):
-    """The Quickstart's job as shipped: a teacher well above chance, a student that keeps
-    most of its accuracy, and the report's promised keys."""
+    """The Quickstart's job as shipped keeps what the README shows (teacher 0.966, retention
+    99.9%, 1.9x fewer parameters), within a margin for other machines: 1.5 points of
+    teacher accuracy, 2 points of retention."""
     result = kdscale("demo", "--output_dir", str(tmp_path / "demo"), cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "demo" / "report.json").read_text())
-    assert report["teacher"]["accuracy"] >= 0.85  # balanced binary task: chance is 0.5
-    assert report["retention"] >= 0.9
-    assert report["student"]["params"] < report["teacher"]["params"]
+    assert report["teacher"]["accuracy"] >= 0.95  # balanced binary task: chance is 0.5
+    assert report["retention"] >= 0.979
+    assert report["teacher"]["params"] / report["student"]["params"] >= 1.85
     assert "retention" in result.stdout and "teacher" in result.stdout
 
 

@@ -63,7 +63,7 @@ def test_tsv_keeps_bare_double_quote(tmp_path, tokenizer):
     assert data.dataset["labels"] == [1, 0, 1, 0]
 
 
-@pytest.mark.skipif(not (SST2 / "dev.tsv").is_file(), reason=f"SST-2 not found at {SST2}")
+@pytest.mark.usefixtures("sst2")
 def test_sst2_dev_tsv_rows():
     lines = (SST2 / "dev.tsv").read_text(encoding="utf-8").splitlines()
     text_column = lines[0].split("\t")[1]  # "sentence" in GLUE; some copies say "content"
