@@ -66,7 +66,8 @@ def test_every_model_is_scored_on_the_same_dev_rows(results):
     assert len(models) == 2 + 2 * 2 * 2 + 2 * 2  # teachers; kdscale kd+hard; baseline kd
     for name, metrics in models.items():
         assert metrics["examples"] == DEV_ROWS, name
-        assert 0.0 <= metrics["accuracy"] <= 1.0, name
+        right = metrics["accuracy"] * DEV_ROWS  # a count of the dev rows it got right
+        assert right == pytest.approx(round(right)), name
         assert metrics["latency_ms"] > 0 and metrics["train_s"] > 0, name
     assert report["device"] and report["train_rows"] == TRAIN_ROWS
     # The KD students' cache holds the labelled rows and their augmented copies.
@@ -106,7 +107,15 @@ def test_summary_follows_from_the_runs(results):
         side["teacher"]["train_s"] + side["cache_s"]
         + sum(s["kd"]["train_s"] for s in summary["students"].values()))
     assert side["cache_bytes"] >= report["transfer_rows"] * 2 * 2  # two fp16 logits a row
-    assert {g["met"] for g in report["summary"]["goals"]} <= {True, False}
+    # Each student's two goals are met exactly when its numbers say so.
+    goals = {g["goal"]: g["met"] for g in report["summary"]["goals"]}
+    for name, spec in report["settings"]["students"].items():
+        student = summary["students"][name]
+        retention = student["kd"]["retention"]["mean"]
+        assert goals[f"{name} KD student keeps >= {spec['retention_goal']:.0%} of the "
+                     f"teacher"] == (retention >= spec["retention_goal"])
+        assert goals[f"{name} KD student beats the hard-label student"] == (
+            student["kd"]["accuracy"]["mean"] > student["hard"]["accuracy"]["mean"])
 
 
 def test_report_and_plot_are_written(results):
