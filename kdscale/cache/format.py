@@ -91,6 +91,9 @@ def shard_index(name: str, pattern: re.Pattern = SHARD_RE) -> int | None:
     return int(m[1])
 
 
+OPTIONAL_FIELDS = {"max_length"}  # added within format version 1: older manifests lack them
+
+
 @dataclasses.dataclass(kw_only=True)
 class CacheManifest:
     format_version: int = CACHE_FORMAT_VERSION
@@ -106,6 +109,9 @@ class CacheManifest:
     masking: dict[str, Any] | None  # masked-LM caches: the fixed-mask recipe, e.g. seed
     shards: list[dict[str, Any]]  # {"file", "rows", "examples", "sha256", "bytes"}, by index
     kdscale_version: str = __version__
+    # data.max_length of the fingerprint, so that a reader holding the tokenized rows (the
+    # Trainer path) can recompute it; absent from caches written before it was recorded.
+    max_length: int | None = None
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -129,11 +135,11 @@ class CacheManifest:
                 f"kdscale {__version__}); {_REBUILD} or use a matching kdscale"
             )
         names = [f.name for f in dataclasses.fields(cls)]
-        missing = [n for n in names if n not in raw]
+        missing = [n for n in names if n not in raw and n not in OPTIONAL_FIELDS]
         if missing:
             raise CacheError(f"manifest is missing field(s) {', '.join(map(repr, missing))}")
         # Unknown keys are ignored, so a later v1 writer may add optional fields.
-        return cls(**{n: raw[n] for n in names})
+        return cls(**{n: raw[n] for n in names if n in raw})
 
     @classmethod
     def from_json(cls, text: str) -> CacheManifest:
@@ -178,6 +184,8 @@ def _validate(m: CacheManifest) -> None:
     _check(m.masking is None or isinstance(m.masking, dict), "masking", "an object or null",
            m.masking)
     _check(isinstance(m.kdscale_version, str), "kdscale_version", "a string", m.kdscale_version)
+    _check(m.max_length is None or is_int(m.max_length, 1), "max_length",
+           "an integer >= 1 or null", m.max_length)
     _check(isinstance(m.shards, list), "shards", "a list", m.shards)
     for i, shard in enumerate(m.shards):
         _validate_shard(f"shards[{i}]", i, shard, m.kind)

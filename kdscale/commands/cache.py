@@ -132,7 +132,7 @@ def plan_job(config: Config, state) -> CacheJob:
             "teacher": {"name": str(config.teacher_dir),
                         "weights_sha256": checkpoint_sha256(config.teacher_dir)},
             "tokenizer_sha256": tokenizer_sha256(tokenizer),
-            "data_fingerprint": data.fingerprint}
+            "data_fingerprint": data.fingerprint, "max_length": config.data.max_length}
     if meta["k"] is not None and meta["k"] > meta["num_outputs"]:
         raise CacheError(f"cache.k: expected at most the teacher's {meta['num_outputs']} "
                          f"outputs, got {meta['k']}")

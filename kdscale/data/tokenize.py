@@ -127,6 +127,23 @@ def fingerprint(dataset: datasets.Dataset, max_length: int) -> str:
 
 
 
+def tokenized_fingerprint(dataset: datasets.Dataset, max_length: int) -> str:
+    """`fingerprint` of rows tokenized elsewhere (a Trainer script's): its label column may be
+    `label`, and padding (where `attention_mask` is 0) is left out, as kdscale pads only when
+    it batches. Equal to the cache's fingerprint when the script read the same file with the
+    same tokenizer and truncation."""
+    if "labels" not in dataset.column_names and "label" in dataset.column_names:
+        dataset = dataset.rename_column("label", "labels")
+    if "attention_mask" in dataset.column_names:
+        def unpadded(batch: dict) -> dict:
+            token_columns = [c for c in ("input_ids", "token_type_ids") if c in batch]
+            return {c: [[t for t, m in zip(row, mask, strict=True) if m] for row, mask
+                        in zip(batch[c], batch["attention_mask"], strict=True)]
+                    for c in token_columns}
+        dataset = dataset.map(unpadded, batched=True, desc="fingerprinting")
+    return fingerprint(dataset, max_length)
+
+
 def check_unknown_rate(data: TaskData, tokenizer, where: str) -> None:
     """Refuse data the tokenizer cannot read: most tokens of a sample of its rows unknown.
 

@@ -18,6 +18,7 @@ from transformers.integrations import deepspeed as hf_deepspeed
 
 from kdscale.cache import LogitCache
 from kdscale.config import Config
+from kdscale.data.tokenize import tokenized_fingerprint
 from kdscale.distributed import launched_distributed, uses_deepspeed
 from kdscale.errors import KdscaleError
 from kdscale.hf.arguments import DistillationArguments
@@ -120,6 +121,23 @@ def check_cache(cache: LogitCache, dataset, num_labels: int) -> None:
                            f"(first: {missing[0]}; the cache has {len(cache)} examples). Build "
                            f"it from the same training file, with no data.max_train_examples "
                            f"below the rows used here")
+    check_same_data(cache, dataset)
+
+
+def check_same_data(cache: LogitCache, dataset: datasets.Dataset) -> None:
+    """The cache was built from these rows: its data fingerprint (ids, tokens, labels) is
+    recomputed from the training set when it holds the cache's whole transfer set (a subset
+    cannot be fingerprinted; its coverage is checked by id above)."""
+    m = cache.manifest
+    if m.max_length is None or len(dataset) != m.num_examples:
+        return
+    if tokenized_fingerprint(dataset, m.max_length) != m.data_fingerprint:
+        raise KdscaleError(f"the logit cache at {cache.directory} was built from other data than "
+                           f"train_dataset: the rows' tokens or labels differ (data fingerprint "
+                           f"{m.data_fingerprint[:12]}..., recomputed with data.max_length "
+                           f"{m.max_length}). Expected a cache built by `kdscale cache` from the "
+                           f"same training file, tokenizer and max length (--max_seq_length "
+                           f"{m.max_length})")
 
 
 def check_labels(dataset, num_labels: int) -> None:

@@ -24,6 +24,7 @@ from transformers import (
 from kdscale.cache import LogitCache, TeacherLogitsCollator
 from kdscale.config import ConfigError
 from kdscale.data.batch import model_inputs
+from kdscale.data.tokenize import tokenized_fingerprint
 from kdscale.errors import KdscaleError
 from kdscale.hf import DistillationArguments, DistillationTrainer, DistillationTrainingArguments
 from tests.support.hf import EXAMPLE, N_TRAIN, build_cache, save_model, tiny_bert, tokenized_train
@@ -226,6 +227,28 @@ def test_a_cache_that_misses_training_rows_is_refused(task, tokenizer, tmp_path)
     with pytest.raises(KdscaleError, match=f"does not cover the training set: 16 of its "
                                            f"{N_TRAIN} example ids are not cached"):
         make_trainer(task, tokenizer, tmp_path, {"kd_cache": str(short)})
+
+
+def test_a_cache_of_another_file_with_as_many_rows_is_refused(task, tokenizer, tmp_path):
+    """The same row count and ids, other sentences: covering the ids is not enough."""
+    rows = task.train_file.read_text().splitlines()
+    other = tmp_path / f"other{task.train_file.suffix}"
+    other.write_text("\n".join(rows[:1] + rows[:0:-1]) + "\n")  # header, rows reversed
+    cache = build_cache(task.teacher, other, tmp_path / "other_cache")
+    with pytest.raises(KdscaleError, match="was built from other data than train_dataset: the "
+                                           "rows' tokens or labels differ"):
+        make_trainer(task, tokenizer, tmp_path, {"kd_cache": str(cache)})
+
+
+def test_the_stock_scripts_rows_have_the_caches_fingerprint(task, tokenizer):
+    """The check above accepts the cache of the very file the script reads: kdscale's data
+    fingerprint, recomputed from the script's tokenization (padding left out)."""
+    manifest = LogitCache(task.cache).manifest
+    rows = tokenized_train(task, tokenizer).add_column("example_id", list(range(N_TRAIN)))
+    assert tokenized_fingerprint(rows, manifest.max_length) == manifest.data_fingerprint
+    padded = rows.map(lambda b: tokenizer.pad(b, padding="max_length", max_length=48),
+                      batched=True)
+    assert tokenized_fingerprint(padded, manifest.max_length) == manifest.data_fingerprint
 
 
 def test_rows_without_example_ids_are_refused_when_ids_cannot_be_derived(task, tokenizer,
