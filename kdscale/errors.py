@@ -3,4 +3,6 @@ and what was expected; the command line prints it without a traceback."""
 
 
 class KdscaleError(ValueError):
-    pass
+    """Input kdscale cannot use: a config key or value, a file, a model, a cache or a
+    checkpoint. The message names it and what was expected; `kdscale` prints it as one line
+    and exits with status 2."""

@@ -26,7 +26,7 @@ def test_the_layers_hold():
 def test_an_upward_import_breaks_the_contract(tmp_path):
     shutil.copytree(ROOT / "kdscale", tmp_path / "kdscale",
                     ignore=shutil.ignore_patterns("__pycache__"))
-    low = tmp_path / "kdscale" / "cache" / "files.py"
+    low = tmp_path / "kdscale" / "cache" / "format.py"
     low.write_text(low.read_text() + "\nimport kdscale.train.loop  # noqa: E402\n")
     result = lint_imports(tmp_path)
     assert result.returncode != 0

@@ -1,4 +1,4 @@
-"""Benchmark of the logit cache: `python -m benchmarks.cache.run [--out FILE]`.
+"""Benchmark of the logit cache: `python -m benchmarks.cache [--out FILE]`.
 
 1. Throughput: kdscale's cache writer (plan, teacher forward, shard writes with checksums)
    against a plain `model(**batch)` loop over the same batches, in the same run, alternating

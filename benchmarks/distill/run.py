@@ -1,5 +1,5 @@
 """Benchmark of the distillation step, cached teacher vs online teacher:
-`python -m benchmarks.distill.run [--out FILE]`.
+`python -m benchmarks.distill [--out FILE]`.
 
 A teacher 4x the student's depth (8 layers; the student keeps 2 of them) and the same
 data, batches and steps. The cached run reads the teacher's logits from the cache written

@@ -64,6 +64,6 @@ def finite(logits: torch.Tensor, ids: torch.Tensor, cache: LogitCache) -> torch.
         rows = bad.reshape(len(logits), -1).any(dim=1) if len(logits) == len(ids) else None
         named = ids[rows].tolist()[:5] if rows is not None else ids.tolist()[:5]
         raise CacheError(f"the logit cache at {cache.directory} holds NaN or inf teacher logits "
-                         f"for example ids {named}; expected finite values. Check it with "
-                         f"LogitCache.verify() and rebuild it with `kdscale cache`")
+                         f"for example ids {named}; expected finite values. `kdscale cache` "
+                         f"with this config rewrites the damaged shards")
     return logits

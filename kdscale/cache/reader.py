@@ -26,7 +26,7 @@ from kdscale.cache.format import (
     read_header,
     read_manifest,
 )
-from kdscale.files import sha256_file
+from kdscale.cache.verify import verify_cache
 
 # safetensors dtype code -> numpy dtype; bfloat16 has none, so it is mapped as raw uint16
 _NP_DTYPES = {"F16": np.float16, "F32": np.float32, "BF16": np.uint16, "I32": np.int32,
@@ -131,7 +131,18 @@ class TopK:
 
 
 class LogitCache:
-    """A read-only view of a cache directory, indexed by example id."""
+    """A read-only view of a cache directory written by `kdscale cache`, indexed by example id.
+
+    Opening reads the manifest and the shards' headers and id tensors, and checks that every
+    shard is there with its recorded size; teacher values are memory-mapped and read only
+    for the rows asked for. `verify` reads every byte against the manifest.
+
+    Args:
+        directory: the cache folder (its `manifest.json` and `shard-NNNNN.safetensors`).
+
+    Raises:
+        CacheError: no cache there, or a manifest or shard that does not match its record.
+    """
 
     def __init__(self, directory: str | os.PathLike) -> None:
         self.directory = Path(directory)
@@ -249,12 +260,12 @@ class LogitCache:
     # -- checks --------------------------------------------------------------------------------
 
     def verify(self) -> None:
-        """Recomputes every shard's sha256 (reads everything); raises CacheError on a mismatch."""
-        bad = [s["file"] for s in self._manifest.shards
-               if sha256_file(self.directory / s["file"]) != s["sha256"]]
-        if bad:
-            raise CacheError(f"logit cache at {self.directory}: shard(s) {', '.join(bad)} do not "
-                             f"match their recorded sha256 (corrupted on disk); {_REBUILD}")
+        """Reads every shard: its sha256 against the manifest's, and finite values.
+
+        Raises:
+            CacheError: naming each damaged shard and the command that rewrites it.
+        """
+        verify_cache(self.directory, self._manifest, echo=lambda line: None)
 
     def check_compatible(self, *, data_fingerprint: str | None = None,
                          teacher_sha256: str | None = None, tokenizer_sha256: str | None = None,

@@ -1,4 +1,5 @@
-"""`kdscale finetune`: fine-tune the teacher on the task with cross-entropy (the seed's step 1)."""
+"""`kdscale finetune`: fine-tune the teacher on the task with cross-entropy, step 1 of the
+classic Hinton-style KD recipe."""
 
 from __future__ import annotations
 

@@ -25,7 +25,20 @@ from kdscale.config.schema import (
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults <- YAML file <- `--dotted.key value` overrides, then validated."""
+    """An experiment: defaults, then the YAML file, then dotted overrides, checked.
+
+    Args:
+        path: a YAML experiment (see configs/); None for the defaults alone.
+        overrides: command-line pairs such as ["--loss.temperature", "4"]; a value is read
+            as YAML ("[0,2]" is a list, "null" is None).
+
+    Returns:
+        The `Config`.
+
+    Raises:
+        ConfigError: an unknown key, a value of the wrong type or out of range, naming the
+            key and what was expected.
+    """
     raw: dict = {}
     if path is not None:
         raw = read_yaml(path)

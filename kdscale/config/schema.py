@@ -35,7 +35,7 @@ class TeacherConfig:
 
 @dataclass
 class StudentConfig:
-    # Teacher layers copied into the student: a list of indices, "first:K" (the seed recipe
+    # Teacher layers copied into the student: a list of indices, "first:K" (the classic recipe
     # keeps the first 3), "every_other" (DistilBERT) or "uniform:K" (K evenly spaced).
     # None: "first:3" of the teacher, or every layer of student.model.
     layers: list[int] | str | None = None
@@ -159,6 +159,14 @@ class EvalConfig:
 
 @dataclass
 class Config:
+    """One experiment: what every command (finetune, cache, distill, eval, env) reads.
+
+    Built by `load_config` from a YAML file and dotted overrides, and checked before any work;
+    every section and key has a default, so an empty file is a valid experiment. Sections:
+    `teacher`, `student`, `data`, `cache`, `loss`, `finetune`, `distill` (both `TrainConfig`),
+    `eval`. Derived paths: `teacher_dir`, `student_dir`, `cache_dir`, `student_best_dir`.
+    """
+
     # What is distilled (kdscale.tasks): sentence classification, masked-LM ("general
     # distillation"), masked LM + next-sentence prediction (BERT's pre-training heads),
     # token classification (NER) or extractive question answering.

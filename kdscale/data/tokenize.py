@@ -134,6 +134,7 @@ def tokenized_fingerprint(dataset: datasets.Dataset, max_length: int) -> str:
     same tokenizer and truncation."""
     if "labels" not in dataset.column_names and "label" in dataset.column_names:
         dataset = dataset.rename_column("label", "labels")
+    dataset = dataset.sort("example_id")  # the cache's order; a script may have shuffled
     if "attention_mask" in dataset.column_names:
         def unpadded(batch: dict) -> dict:
             token_columns = [c for c in ("input_ids", "token_type_ids") if c in batch]

@@ -25,6 +25,15 @@ INTERMEDIATE = ("kd_hidden_mse", "kd_hidden_cosine", "kd_attention_kl")
 
 @dataclass
 class DistillationArguments:
+    """The `--kd_*` settings of a Trainer script, parsed by `HfArgumentParser` beside the
+    script's own: the teacher's source (a cache or a live teacher), the loss (temperature,
+    alpha, losses beyond logits) and where a live teacher runs. Each field's `help` says what
+    it does; values are checked when parsed.
+
+    Raises:
+        ConfigError: two teacher sources, or a value out of range, naming the flag.
+    """
+
     kd_cache: str | None = field(default=None, metadata={
         "help": "Teacher logits from a cache written by `kdscale cache` over the same training "
                 "file (its example ids are the file's row numbers). Give this or --kd_teacher."})

@@ -58,6 +58,19 @@ class DistillationTrainer(Trainer):
     `kd_args.kd_teacher` (a model, or a checkpoint directory loaded in `kd_teacher_placement`).
     It is never prepared with the student and never saved: checkpoints hold the student only.
     `kd_args` may be left out when `args` is a `DistillationTrainingArguments`.
+
+    Args:
+        model: the student, a sequence classifier with the teacher's labels.
+        args: the script's `TrainingArguments` (or `DistillationTrainingArguments`).
+        *trainer_args: the rest of `Trainer`'s positional arguments.
+        kd_args: the `--kd_*` settings (`DistillationArguments`).
+        teacher: a teacher model or checkpoint directory, instead of `kd_args.kd_teacher`.
+        **trainer_kwargs: `Trainer`'s keyword arguments (`train_dataset`, `data_collator`,
+            `processing_class`, ...), unchanged.
+
+    Raises:
+        KdscaleError: at construction, for a cache that does not cover or was not built from
+            `train_dataset`, a teacher of other labels or vocabulary, or rows without ids.
     """
 
     # compute_loss divides by the valid rows of the whole accumulation window itself.

@@ -29,7 +29,20 @@ _LAYER_KEY = re.compile(r"^(.*?(?:encoder|transformer)\.layer\.)(\d+)(\..*)$")
 def student_from_teacher(teacher: PreTrainedModel, layers: list[int] | str,
                          dropout: float | None = None) -> PreTrainedModel:
     """A student of the teacher's class with the teacher's embeddings, head and the chosen
-    layers, copied weight for weight; student layer i is teacher layer layers[i]."""
+    layers, copied weight for weight; student layer i is teacher layer layers[i].
+
+    Args:
+        teacher: a BERT-family model (BERT, RoBERTa, ELECTRA, DistilBERT, ...).
+        layers: teacher layer indices in increasing order, or "first:K", "uniform:K",
+            "every_other", "all".
+        dropout: the student's hidden and attention dropout; None keeps the teacher's.
+
+    Returns:
+        A new model; the teacher is not changed.
+
+    Raises:
+        ConfigError: a layer the teacher does not have, or indices out of order.
+    """
     layers = resolve_layers(layers, teacher.config.num_hidden_layers)
     config = copy.deepcopy(teacher.config)
     config.num_hidden_layers = len(layers)

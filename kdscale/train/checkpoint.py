@@ -10,8 +10,9 @@ job that died while saving, and is never loaded.
 accumulation, DeepSpeed or not). The data order and every step depend on the global batch
 (processes x rows per process), not on the number of processes, so a checkpoint resumes under
 another world size with the same global batch (a process the checkpoint has no random state
-for starts from the seed's: dropout masks differ, the optimization does not); under DeepSpeed,
-whose ZeRO optimizer state is partitioned by process, only under the same world size.
+for starts from its random seed: dropout masks differ, the optimization does not); under
+DeepSpeed, whose ZeRO optimizer state is partitioned by process, only under the same world
+size.
 `check_resume` refuses the rest at start, before anything is written.
 
 Nothing in a checkpoint is unpickled before `check_pickles` has read the names each pickle

@@ -11,7 +11,15 @@ from kdscale.kernels import kd_loss
 
 class KDLoss(torch.nn.Module):
     """alpha * T^2 * KL(softmax(z_t/T) || softmax(z_s/T)) + (1 - alpha) * CE(y, z_s),
-    averaged over the rows whose label is not `ignore_index`."""
+    averaged over the rows whose label is not `ignore_index`.
+
+    Args:
+        temperature: T, which softens both distributions; the T^2 keeps the soft term's
+            gradient on the scale of the hard one.
+        alpha: the weight of the soft term, in [0, 1].
+        ignore_index: the label of a row that is not part of the loss (padding, unmasked
+            tokens).
+    """
 
     def __init__(self, temperature: float = 2.0, alpha: float = 0.5, ignore_index: int = -100):
         super().__init__()
@@ -21,6 +29,19 @@ class KDLoss(torch.nn.Module):
                 labels: torch.Tensor | None = None, *,
                 teacher_topk_values: torch.Tensor | None = None,
                 teacher_topk_indices: torch.Tensor | None = None) -> torch.Tensor:
+        """The mean loss; the arguments are `kdscale.kernels.kd_loss`'s.
+
+        Args:
+            student_logits: (..., V) logits of the student.
+            teacher_logits: (..., V) logits of the teacher (dense); or, for a top-k teacher,
+            teacher_topk_values: (..., k) its k largest logits and
+            teacher_topk_indices: (..., k) their vocabulary indices (-1: an empty slot).
+            labels: (...) class ids; `ignore_index` leaves a row out. None: every row is a
+                row of the soft term alone (then alpha must be 1).
+
+        Returns:
+            A 0-d tensor; its gradient flows to `student_logits` only.
+        """
         return kd_loss(student_logits, teacher_logits, labels,
                        teacher_topk_values=teacher_topk_values,
                        teacher_topk_indices=teacher_topk_indices,

@@ -26,7 +26,26 @@ def kd_loss(
     ignore_index=-100,
     reduction="mean",
 ):
-    """Distillation loss; see ``kdscale.kernels.reference`` for the definition and formulas."""
+    """``alpha * T^2 * KL(softmax(z_t / T) || softmax(z_s / T)) + (1 - alpha) * CE(y, z_s)``
+    per row, reduced over the valid rows: the fused Triton kernel on CUDA tensors, the
+    reference elsewhere (``reference.py`` holds the definition and formulas).
+
+    Args:
+        student_logits: (..., V) student logits; leading dimensions are flattened to rows.
+        teacher_logits: (..., V) teacher logits (a dense teacher). Give this, or both of
+        teacher_topk_values: (..., k) the teacher's k largest logits per row, and
+        teacher_topk_indices: (..., k) their vocabulary indices; -1 marks an empty slot.
+        labels: (...) class ids for the hard term; rows labelled `ignore_index` are left
+            out. None: every row counts, the hard term is off and `alpha` must be 1.
+        temperature: T > 0, applied to both distributions of the soft term.
+        alpha: weight of the soft term in [0, 1]; 1 - alpha weighs the cross-entropy.
+        ignore_index: the label of a row that is not part of the loss.
+        reduction: "mean" (over the valid rows, 0 when there are none), "sum", or "none"
+            (per-row values shaped like `labels`, 0 on ignored rows).
+
+    Returns:
+        The loss, in fp32 whatever the input dtype; its gradient flows to `student_logits`.
+    """
     loss = kd_loss_triton if student_logits.is_cuda else kd_loss_reference
     return loss(
         student_logits,

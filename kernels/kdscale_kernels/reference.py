@@ -43,7 +43,25 @@ def kd_loss_reference(
     ignore_index=-100,
     reduction="mean",
 ):
-    """Distillation loss of ``student_logits`` (..., V) against a dense or top-k teacher."""
+    """Distillation loss of ``student_logits`` (..., V) against a dense or top-k teacher: the
+    definition every other path is tested against, and the CPU path.
+
+    Args:
+        student_logits: (..., V) student logits; leading dimensions are flattened to rows.
+        teacher_logits: (..., V) teacher logits (a dense teacher). Give this, or both of
+        teacher_topk_values: (..., k) the teacher's k largest logits per row, and
+        teacher_topk_indices: (..., k) their vocabulary indices; -1 marks an empty slot.
+        labels: (...) class ids for the hard term; rows labelled `ignore_index` are left
+            out. None: every row counts, the hard term is off and `alpha` must be 1.
+        temperature: T > 0, applied to both distributions of the soft term.
+        alpha: weight of the soft term in [0, 1]; 1 - alpha weighs the cross-entropy.
+        ignore_index: the label of a row that is not part of the loss.
+        reduction: "mean" (over the valid rows, 0 when there are none), "sum", or "none"
+            (per-row values shaped like `labels`, 0 on ignored rows).
+
+    Returns:
+        The loss, in fp32 whatever the input dtype; its gradient flows to `student_logits`.
+    """
     _check_args(student_logits, teacher_logits, labels, teacher_topk_values,
                 teacher_topk_indices, temperature, alpha, reduction)
     lead_shape, vocab = student_logits.shape[:-1], student_logits.shape[-1]

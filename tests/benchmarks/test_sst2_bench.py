@@ -89,7 +89,7 @@ def test_students_have_their_sizes_on_both_sides(results):
         ours = report["kdscale"]["students"][name]
         theirs = report["baseline"]["students"][name]["kd"]
         assert [r["seed"] for r in ours["kd"]] == [r["seed"] for r in theirs] == [1, 2]
-        assert theirs[0]["teacher_layers"] == list(range(layers))  # the seed's first K
+        assert theirs[0]["teacher_layers"] == list(range(layers))  # the classic recipe's first K
         for run in ours["kd"] + ours["hard"] + theirs:
             assert run["layers"] == len(run["teacher_layers"]) == layers
             assert run["params"] == ours["kd"][0]["params"] < report["kdscale"]["teacher"]["params"]

@@ -120,7 +120,7 @@ def test_verify_catches_a_flipped_byte(tmp_path):
     data[-3] ^= 0x40  # inside the logits: same size, header intact
     shard.write_bytes(bytes(data))
     cache = LogitCache(tmp_path)  # the cheap checks pass
-    with pytest.raises(CacheError, match="shard-00002.safetensors do not match"):
+    with pytest.raises(CacheError, match="shard-00002.safetensors: its bytes differ from the"):
         cache.verify()
 
 
