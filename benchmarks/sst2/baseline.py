@@ -1,6 +1,7 @@
-"""The plain recipe, written the obvious way and kept that way on purpose: a Hugging Face
-model, a PyTorch loop, inputs padded to max_length as `run_glue.py` does by default, a
-student made of the teacher's first K layers, and the teacher run online at every step:
+"""The plain recipe: the classic Hinton-style KD recipe of BERT distillation (Hinton, Vinyals
+& Dean 2015), written the obvious way and kept that way on purpose: a Hugging Face model, a
+PyTorch loop, inputs padded to max_length as `run_glue.py` does by default, a student made of
+the teacher's first K layers, and the teacher run online at every step:
 
     L = alpha * T^2 * KL(softmax(z_t / T) || softmax(z_s / T)) + (1 - alpha) * CE(y, z_s)
 

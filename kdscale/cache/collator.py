@@ -11,13 +11,23 @@ from kdscale.cache.reader import LogitCache
 
 
 class TeacherLogitsCollator:
-    """`base(examples)` plus, looked up by the examples' `example_id` (added to the batch
-    where `base` drops it):
+    """A collator that adds each batch's cached teacher outputs, around any base collator.
+
+    A batch is `base(examples)` plus, looked up by the examples' `example_id` (added to the
+    batch where `base` drops it):
 
     dense caches: `teacher_logits` [B, C];
     top-k caches: `teacher_topk_values` [R, k], `teacher_topk_indices` [R, k] (int64, -1 pads);
     per-position top-k caches also `teacher_topk_positions` [R] (the token of each row) and
     `teacher_topk_counts` [B] (rows of each example, in batch order; 0 when none is masked).
+
+    Args:
+        base: the collator of the model's inputs, e.g. a `DataCollatorWithPadding`.
+        cache: the logit cache; every example's `example_id` must be in it.
+
+    Raises:
+        CacheError: when called, for NaN or inf teacher values in the batch's rows.
+        KeyError: when called, for an example id that is not in the cache.
     """
 
     def __init__(self, base: Callable[[list[dict]], dict], cache: LogitCache):
@@ -41,8 +51,11 @@ class TeacherLogitsCollator:
 
 
 class EnsembleLogitsCollator:
-    """`base(examples)` plus `teacher_logits_ensemble` [K, B, C]: the dense logits of K
-    teachers' caches for the batch, in the order of `caches`."""
+    """A collator that adds the dense logits of K teachers' caches to each batch.
+
+    A batch is `base(examples)` plus `teacher_logits_ensemble` [K, B, C], in the order of
+    `caches`; `base` must keep `example_id`.
+    """
 
     def __init__(self, base: Callable[[list[dict]], dict], caches: list[LogitCache]):
         self.base, self.caches = base, caches
@@ -56,9 +69,12 @@ class EnsembleLogitsCollator:
 
 
 def finite(logits: torch.Tensor, ids: torch.Tensor, cache: LogitCache) -> torch.Tensor:
-    """The writer refuses NaN and inf, but a shard can be damaged on disk or written by other
+    """`logits`, checked to be finite; CacheError naming the example ids otherwise.
+
+    The writer refuses NaN and inf, but a shard can be damaged on disk or written by other
     code; one such row would turn every weight to NaN at the next step, silently. Checked
-    on the batch's few rows, before the step, so no checkpoint holds its result."""
+    on the batch's few rows, before the step, so no checkpoint holds its result.
+    """
     bad = ~torch.isfinite(logits)
     if bad.any():
         rows = bad.reshape(len(logits), -1).any(dim=1) if len(logits) == len(ids) else None

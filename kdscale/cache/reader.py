@@ -5,6 +5,9 @@ that every shard exists with its recorded size, parses each shard's safetensors 
 only its small id tensors. Logits are never loaded whole: each tensor's data region is mapped
 with `np.memmap`, so a lookup touches only the pages of the rows it returns. A cache still being
 written has no manifest and is not readable here; `kdscale.cache.sidecar` reads its state.
+
+Over 300 lines on purpose: one public class whose lookups share private state (the open
+maps, the id index); its argument docs are a third of the file.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ UNCHECKED = object()  # check_compatible: a field the caller does not check
 
 
 class Shards(NamedTuple):
+    """A cache's shards, checked but not mapped, and the ids of the examples they hold."""
+
     specs: list[dict[str, tuple]]  # per shard: {tensor: (path, numpy dtype, offset, shape)}
     ids: np.ndarray  # int64 [E]: every example of every shard, in shard then row order
     counts: np.ndarray | None  # int32 [E]: rows of each example; None when each has one row
@@ -131,7 +136,7 @@ class TopK:
 
 
 class LogitCache:
-    """A read-only view of a cache directory written by `kdscale cache`, indexed by example id.
+    """A read-only view of a cache written by `kdscale cache`, indexed by example id.
 
     Opening reads the manifest and the shards' headers and id tensors, and checks that every
     shard is there with its recorded size; teacher values are memory-mapped and read only
@@ -162,6 +167,7 @@ class LogitCache:
 
     @property
     def manifest(self) -> CacheManifest:
+        """What the cache holds and was built from (kind, dtype, teacher, data, shards)."""
         return self._manifest
 
     @property
@@ -234,14 +240,37 @@ class LogitCache:
         return t.view(torch.bfloat16) if self._manifest.dtype == "bfloat16" else t
 
     def get(self, example_ids: Any) -> torch.Tensor:
-        """Dense logits [n, num_outputs] in the stored dtype, in the order of `example_ids`."""
+        """The teacher's logits of some examples, from a dense cache.
+
+        Args:
+            example_ids: 1-D integer ids [n] (a tensor, array or list).
+
+        Returns:
+            Logits [n, num_outputs] in the stored dtype, in the order of `example_ids`.
+
+        Raises:
+            CacheError: the cache is top-k (use `get_topk`).
+            KeyError: an id that is not in the cache.
+        """
         if self._manifest.kind != "dense":
             raise CacheError("this is a topk cache: use get_topk(), not get()")
         rows = self._first[self._locate(example_ids)]
         return self._gather("logits", rows, (self._manifest.num_outputs,))
 
     def get_topk(self, example_ids: Any) -> TopK:
-        """The rows of `example_ids`, concatenated in request order (see TopK)."""
+        """The teacher's top-k rows of some examples, from a top-k cache.
+
+        Args:
+            example_ids: 1-D integer ids [n] (a tensor, array or list).
+
+        Returns:
+            A `TopK`: the examples' rows concatenated in the order of `example_ids`, with
+            each example's row count (and, per position, each row's token position).
+
+        Raises:
+            CacheError: the cache is dense (use `get`).
+            KeyError: an id that is not in the cache.
+        """
         if self._manifest.kind != "topk":
             raise CacheError("this is a dense cache: use get(), not get_topk()")
         pos, k = self._locate(example_ids), self._manifest.k
@@ -271,9 +300,21 @@ class LogitCache:
                          teacher_sha256: str | None = None, tokenizer_sha256: str | None = None,
                          num_outputs: int | None = None,
                          masking: dict[str, Any] | None | object = UNCHECKED) -> None:
-        """Raises CacheMismatchError naming every given field that differs from the cache.
-        A field left None is not checked, except `masking`, where None means "no recipe"
-        (data without masks or augmented copies), so a cache that has one is refused."""
+        """Check that the cache was built from this data, teacher and tokenizer.
+
+        A field left None is not checked; `masking` is checked unless it is left out.
+
+        Args:
+            data_fingerprint: the fingerprint of the rows the cache is used with.
+            teacher_sha256: the hash of the teacher's weights.
+            tokenizer_sha256: the hash of the tokenizer.
+            num_outputs: the logits per row (classes, or vocabulary size).
+            masking: the data's recipe of random draws, or None for data without masks or
+                augmented copies (so a cache that has a recipe is refused).
+
+        Raises:
+            CacheMismatchError: naming every given field that differs from the cache.
+        """
         m = self._manifest
         cached = {"data_fingerprint": m.data_fingerprint,
                   "teacher_sha256": m.teacher.get("weights_sha256"),

@@ -48,6 +48,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def read_yaml(path: str | Path) -> dict:
+    """The raw sections of a YAML experiment, before any key is checked.
+
+    Args:
+        path: the YAML file; an empty file is an empty mapping.
+
+    Returns:
+        The file's mapping of sections.
+
+    Raises:
+        ConfigError: the file is missing, is not YAML, or does not hold a mapping.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
@@ -62,7 +73,19 @@ def read_yaml(path: str | Path) -> dict:
 
 
 def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
-    """`["--loss.temperature", "4", "--student.layers=[0,2]"]` -> [("loss.temperature", 4), ...]."""
+    """Command-line overrides as (dotted key, value) pairs, each value read as YAML.
+
+    Args:
+        args: `--key value` or `--key=value` items, e.g.
+            `["--loss.temperature", "4", "--student.layers=[0,2]"]`.
+
+    Returns:
+        The pairs in order, e.g. `[("loss.temperature", 4), ("student.layers", [0, 2])]`.
+
+    Raises:
+        ConfigError: an item that is not `--key`, a key without a value, or a value that is
+            not valid YAML.
+    """
     pairs, i = [], 0
     while i < len(args):
         arg = args[i]
@@ -89,6 +112,16 @@ def _parse_value(key: str, text: str) -> Any:
 
 
 def set_dotted(raw: dict, key: str, value: Any) -> None:
+    """Set `raw["a"]["b"] = value` for the key "a.b", creating missing sections.
+
+    Args:
+        raw: the nested mapping of a config, changed in place.
+        key: a dotted key such as "loss.temperature".
+        value: the value to store.
+
+    Raises:
+        ConfigError: a part of the key names a value, not a section.
+    """
     *parents, leaf = key.split(".")
     node = raw
     for part in parents:
@@ -99,6 +132,17 @@ def set_dotted(raw: dict, key: str, value: Any) -> None:
 
 
 def config_from_dict(raw: dict) -> Config:
+    """A checked `Config` from nested mappings (the shape of the YAML file).
+
+    Args:
+        raw: sections and keys to set; a missing key keeps its default.
+
+    Returns:
+        The `Config`.
+
+    Raises:
+        ConfigError: an unknown key, or a value of the wrong type or out of range.
+    """
     config = _build(Config, raw, prefix="")
     check_config(config)
     return config
@@ -188,4 +232,5 @@ def _describe(kind: Any) -> str:
 
 
 def to_dict(config: Config) -> dict:
+    """`config` as nested plain mappings, the inverse of `config_from_dict`."""
     return dataclasses.asdict(config)

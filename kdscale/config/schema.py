@@ -19,6 +19,11 @@ class ConfigError(KdscaleError):
 
 @dataclass
 class TeacherConfig:
+    """The teacher: where its weights come from, where it runs, and how the student reads it.
+
+    `source` chooses between the logit cache and the teacher run beside the student.
+    """
+
     model: str | None = None  # hub name or local directory to fine-tune from
     config: dict | None = None  # inline BertConfig fields: a teacher built from scratch
     tokenizer: str | None = None  # hub name or directory; default: teacher.model
@@ -35,8 +40,11 @@ class TeacherConfig:
 
 @dataclass
 class StudentConfig:
-    # Teacher layers copied into the student: a list of indices, "first:K" (the classic recipe
-    # keeps the first 3), "every_other" (DistilBERT) or "uniform:K" (K evenly spaced).
+    """The student: the teacher layers it keeps or the model it starts from, and what trains."""
+
+    # Teacher layers copied into the student: a list of indices, "first:K" (the classic
+    # Hinton-style KD recipe of BERT distillation keeps the first 3), "every_other"
+    # (DistilBERT) or "uniform:K" (K evenly spaced).
     # None: "first:3" of the teacher, or every layer of student.model.
     layers: list[int] | str | None = None
     dropout: float | None = None  # the student's hidden and attention dropout; None: teacher's
@@ -50,6 +58,7 @@ class StudentConfig:
 
     @property
     def layer_spec(self) -> list[int] | str:
+        """`layers`, or its default: every layer of `model`, else the teacher's first 3."""
         if self.layers is not None:
             return self.layers
         return "all" if self.model else "first:3"
@@ -57,9 +66,12 @@ class StudentConfig:
 
 @dataclass
 class AugmentConfig:
-    """Noisy copies of each training row that only the teacher labels (task classification):
-    a bigger transfer set for the student (kdscale.data.augment). Applied to the distillation's
-    data and its cache, never to the teacher's fine-tuning or to evaluation."""
+    """Noisy copies of each training row, labelled by the teacher alone (task classification).
+
+    They give the student a bigger transfer set (kdscale.data.augment). Applied to the
+    distillation's data and its cache, never to the teacher's fine-tuning or to evaluation.
+    """
+
     copies: int = 0  # copies per training row; 0: none
     mask_prob: float = 0.1  # a word becomes the tokenizer's mask token
     replace_prob: float = 0.1  # a word becomes one drawn from the training text by frequency
@@ -70,6 +82,8 @@ class AugmentConfig:
 
 @dataclass
 class DataConfig:
+    """The rows: their source, text and label columns, token length and masked-LM masks."""
+
     dataset: str | None = None  # hub dataset name, e.g. "glue"; or use train_file/eval_file
     subset: str | None = None  # hub dataset config, e.g. "sst2"
     train_file: str | None = None  # local csv/tsv/json/jsonl/parquet
@@ -95,6 +109,11 @@ class DataConfig:
 
 @dataclass
 class CacheConfig:
+    """The teacher-logit cache: where it is, how `kdscale cache` stores and writes logits.
+
+    `ensemble` instead reads several teachers' caches and averages them.
+    """
+
     dir: str | None = None  # default <output_dir>/cache
     # Several teachers: their caches (dense), averaged in probability space with these weights
     # (default: equal). `dir` is then only where `kdscale cache` writes.
@@ -112,6 +131,12 @@ class CacheConfig:
 
 @dataclass
 class LossConfig:
+    """The distillation loss: T and alpha of the logit term, and losses beyond logits.
+
+    T and alpha are each a number or a schedule over the run; the hidden-state and attention
+    losses, each with its weight, need the teacher run beside the student.
+    """
+
     # A number, or a schedule over the run: {kind: linear | cosine, start: 4.0, end: 1.0}.
     temperature: float | dict = 2.0
     alpha: float | dict = 0.5  # weight of the soft (KL) term; 1 - alpha goes to hard-label CE
@@ -124,6 +149,11 @@ class LossConfig:
 
 @dataclass
 class TrainConfig:
+    """One training command: `finetune` (the teacher) or `distill` (the student).
+
+    Optimizer, schedule, batch, precision, checkpoints, evaluation during training and logging.
+    """
+
     epochs: float = 3.0
     batch_size: int = 32  # per device
     learning_rate: float = 5e-5
@@ -147,11 +177,14 @@ class TrainConfig:
 
     @property
     def trackers(self) -> list[str]:
+        """`report_to` as a list."""
         return [self.report_to] if isinstance(self.report_to, str) else self.report_to
 
 
 @dataclass
 class EvalConfig:
+    """`kdscale eval`: batch size, longest answer span and the batches timed for latency."""
+
     batch_size: int = 64
     max_answer_length: int = 30  # task question-answering: longest answer span, in tokens
     latency_batches: int = 20  # timed batches per model, after warm-up
@@ -185,16 +218,20 @@ class Config:
 
     @property
     def teacher_dir(self) -> Path:
+        """The fine-tuned teacher: `teacher.checkpoint`, else <output_dir>/teacher."""
         return Path(self.teacher.checkpoint or Path(self.output_dir) / "teacher")
 
     @property
     def student_dir(self) -> Path:
+        """Where `kdscale distill` saves the final student."""
         return Path(self.output_dir) / "student"
 
     @property
-    def student_best_dir(self) -> Path:  # the best student of distill.eval_every's evaluations
+    def student_best_dir(self) -> Path:
+        """Where the best student of `distill.eval_every`'s evaluations is kept."""
         return Path(self.output_dir) / "student_best"
 
     @property
     def cache_dir(self) -> Path:
+        """The logit cache: `cache.dir`, else <output_dir>/cache."""
         return Path(self.cache.dir or Path(self.output_dir) / "cache")

@@ -25,10 +25,11 @@ INTERMEDIATE = ("kd_hidden_mse", "kd_hidden_cosine", "kd_attention_kl")
 
 @dataclass
 class DistillationArguments:
-    """The `--kd_*` settings of a Trainer script, parsed by `HfArgumentParser` beside the
-    script's own: the teacher's source (a cache or a live teacher), the loss (temperature,
-    alpha, losses beyond logits) and where a live teacher runs. Each field's `help` says what
-    it does; values are checked when parsed.
+    """The `--kd_*` settings of a Trainer script, parsed by `HfArgumentParser`.
+
+    They sit beside the script's own dataclasses: the teacher's source (a cache or a live
+    teacher), the loss (temperature, alpha, losses beyond logits) and where a live teacher
+    runs. Each field's `help` says what it does; values are checked when parsed.
 
     Raises:
         ConfigError: two teacher sources, or a value out of range, naming the flag.
@@ -79,6 +80,11 @@ class DistillationArguments:
         self.layer_map()  # a malformed map fails at parse time, not at the first step
 
     def layer_map(self) -> dict | str:
+        """`--kd_layer_map` parsed: "uniform", or the JSON object as parsed.
+
+        Raises:
+            ConfigError: neither "uniform" nor a non-empty JSON object.
+        """
         if self.kd_layer_map == "uniform":
             return "uniform"
         try:
@@ -92,14 +98,17 @@ class DistillationArguments:
 
     @property
     def intermediate_enabled(self) -> bool:
+        """Whether a loss beyond logits is on (it needs a live teacher)."""
         return any(getattr(self, name) > 0 for name in INTERMEDIATE)
 
     def loss_config(self) -> LossConfig:
+        """These settings as the `loss` section of a kdscale config."""
         return LossConfig(temperature=self.kd_temperature, alpha=self.kd_alpha,
                           hidden_mse=self.kd_hidden_mse, hidden_cosine=self.kd_hidden_cosine,
                           attention_kl=self.kd_attention_kl, layer_map=self.layer_map())
 
     def teacher_config(self, checkpoint: str) -> TeacherConfig:
+        """The `teacher` section of a kdscale config for a live teacher at `checkpoint`."""
         return TeacherConfig(checkpoint=checkpoint, placement=self.kd_teacher_placement,
                              precision=self.kd_teacher_precision,
                              deepspeed_config=self.kd_teacher_deepspeed)
@@ -107,7 +116,11 @@ class DistillationArguments:
 
 @dataclass
 class DistillationTrainingArguments(TrainingArguments, DistillationArguments):
-    """`TrainingArguments` and `DistillationArguments` in one dataclass."""
+    """`TrainingArguments` and `DistillationArguments` in one dataclass.
+
+    A script that parses `TrainingArguments` swaps in this name and passes the result to
+    `DistillationTrainer` as `args`; the `--kd_*` values are checked before any device setup.
+    """
 
     def __post_init__(self) -> None:
         DistillationArguments.__post_init__(self)  # cheap checks before any device setup

@@ -156,6 +156,7 @@ class DistillationTrainer(Trainer):
             self._signature_columns.append(ID_COLUMN)
 
     def get_train_dataloader(self):
+        """The Trainer's training loader; from a cache, its batches carry the teacher's logits."""
         if self.cache is None:
             return super().get_train_dataloader()
         # The Trainer builds every loader from self.data_collator; only training batches carry
@@ -168,9 +169,19 @@ class DistillationTrainer(Trainer):
             self.data_collator = base
 
     def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
-        """The window's batches and its labelled rows over all processes: the loss is
-        divided by that count, so a step's gradient is that of the mean over the window,
-        whatever the accumulation, batch split and number of processes."""
+        """The next accumulation window's batches, and its labelled rows on all processes.
+
+        The loss is divided by that count, so a step's gradient is that of the mean over the
+        window, whatever the accumulation, batch split and number of processes.
+
+        Args:
+            epoch_iterator: the training batches.
+            num_batches: the batches of one accumulation window.
+            device: where the count is made and summed over processes.
+
+        Returns:
+            (batches, rows): the list of batches and a 0-d int64 tensor.
+        """
         batches = list(islice(epoch_iterator, num_batches))
         rows = sum((valid_rows(b).to(device) for b in batches), torch.zeros((), device=device,
                                                                         dtype=torch.long))
@@ -180,10 +191,23 @@ class DistillationTrainer(Trainer):
 
     def compute_loss(self, model: nn.Module, inputs: dict, return_outputs: bool = False,
                      num_items_in_batch: torch.Tensor | int | None = None):
-        """Training: the distillation loss summed over this batch's labelled rows, divided by
-        `num_items_in_batch` (the window's rows on all processes, from get_batch_samples) and
-        multiplied by the processes, whose gradients are averaged. Evaluation: the student's
-        own loss. Without `num_items_in_batch`: the mean over this batch."""
+        """The distillation loss in training; the student's cross-entropy in evaluation.
+
+        In training, the loss is summed over this batch's labelled rows, divided by
+        `num_items_in_batch` and multiplied by the processes, whose gradients are averaged;
+        the `kd_*` terms are kept for the next log.
+
+        Args:
+            model: the student (as the Trainer wrapped it).
+            inputs: a batch: the student's inputs and labels, and the teacher's outputs
+                when they come from a cache.
+            return_outputs: also return the model's outputs (None in training).
+            num_items_in_batch: the window's labelled rows on all processes (from
+                `get_batch_samples`); None: the mean over this batch.
+
+        Returns:
+            The 0-d loss, or (loss, outputs) with `return_outputs`.
+        """
         if not model.training:
             return self._student_loss(model, inputs, return_outputs)
         student = model if self.intermediate is None else \
@@ -208,6 +232,7 @@ class DistillationTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """The Trainer's, on the batch without the teacher's entries the student cannot take."""
         inputs = {k: v for k, v in inputs.items() if k not in TEACHER_KEYS}
         return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
 
@@ -220,8 +245,15 @@ class DistillationTrainer(Trainer):
         self._kd_sums["rows"] = self._kd_sums.get("rows", 0.0) + rows.float()
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Training logs gain kd_soft, kd_hard (and kd_<intermediate loss>): means per
-        labelled row since the last log, over all processes (every process logs together)."""
+        """Log as the Trainer does, with the distillation terms added to training logs.
+
+        A training log gains kd_soft, kd_hard (and kd_<intermediate loss>): means per labelled
+        row since the last log, over all processes (every process logs together).
+
+        Args:
+            logs: the Trainer's values to log.
+            start_time: passed on to the Trainer.
+        """
         if "loss" in logs and self._kd_sums:
             names = [n for n in self._kd_sums if n != "rows"]
             sums = reduce_sum(self.accelerator,

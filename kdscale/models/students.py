@@ -28,8 +28,10 @@ _LAYER_KEY = re.compile(r"^(.*?(?:encoder|transformer)\.layer\.)(\d+)(\..*)$")
 
 def student_from_teacher(teacher: PreTrainedModel, layers: list[int] | str,
                          dropout: float | None = None) -> PreTrainedModel:
-    """A student of the teacher's class with the teacher's embeddings, head and the chosen
-    layers, copied weight for weight; student layer i is teacher layer layers[i].
+    """A student of the teacher's class, made of a copy of the teacher's chosen layers.
+
+    The embeddings and head are copied too, weight for weight; student layer i is teacher
+    layer layers[i].
 
     Args:
         teacher: a BERT-family model (BERT, RoBERTa, ELECTRA, DistilBERT, ...).
@@ -62,9 +64,19 @@ def student_from_teacher(teacher: PreTrainedModel, layers: list[int] | str,
 
 
 def build_student(cfg: StudentConfig, source: PreTrainedModel) -> PreTrainedModel:
-    """The student: the layers `student.layers` of `source` (the teacher, or the pretrained
-    `student.model` loaded with the teacher's head), with `student.dropout` and, with
-    `student.freeze_embeddings`, its embeddings left out of training."""
+    """The student of an experiment's `student` section, built from `source`.
+
+    Args:
+        cfg: the `student` section: its `layers`, `dropout` and `freeze_embeddings`.
+        source: the teacher, or the pretrained `student.model` loaded with the teacher's head.
+
+    Returns:
+        A new model of the chosen layers of `source`; with `freeze_embeddings`, its token
+        embeddings do not require grad.
+
+    Raises:
+        ConfigError: a layer `source` does not have, or indices out of order.
+    """
     student = student_from_teacher(source, cfg.layer_spec, cfg.dropout)
     if cfg.freeze_embeddings:  # left out of the optimizer (and ZeRO's partitions)
         student.get_input_embeddings().requires_grad_(False)
@@ -72,8 +84,19 @@ def build_student(cfg: StudentConfig, source: PreTrainedModel) -> PreTrainedMode
 
 
 def check_student_model(cfg: StudentConfig, teacher_dir: str | Path) -> None:
-    """A pretrained student must read the teacher's token ids: the same vocabulary size, and
-    the same tokens where it ships a tokenizer. Checked from configs, before any weights load."""
+    """Check that a pretrained student (`student.model`) can read the teacher's token ids.
+
+    It needs the teacher's vocabulary size and, where it ships a tokenizer, the same tokens.
+    Checked from configs, before any weights load; without `student.model`, nothing to check.
+
+    Args:
+        cfg: the `student` section.
+        teacher_dir: the fine-tuned teacher's directory.
+
+    Raises:
+        ConfigError: another vocabulary or tokenizer, or layers the student does not have.
+        CheckpointError: `student.model` is not a loadable model directory.
+    """
     if cfg.model is None:
         return
     require_checkpoint(Path(cfg.model), "student.model")

@@ -10,8 +10,11 @@ from kdscale.kernels import kd_loss
 
 
 class KDLoss(torch.nn.Module):
-    """alpha * T^2 * KL(softmax(z_t/T) || softmax(z_s/T)) + (1 - alpha) * CE(y, z_s),
-    averaged over the rows whose label is not `ignore_index`.
+    """The distillation loss with an experiment's temperature and alpha, as a module.
+
+    Per row, alpha * T^2 * KL(softmax(z_t/T) || softmax(z_s/T)) + (1 - alpha) * CE(y, z_s),
+    averaged over the rows whose label is not `ignore_index`; computed by
+    `kdscale.kernels.kd_loss`.
 
     Args:
         temperature: T, which softens both distributions; the T^2 keeps the soft term's
@@ -29,7 +32,7 @@ class KDLoss(torch.nn.Module):
                 labels: torch.Tensor | None = None, *,
                 teacher_topk_values: torch.Tensor | None = None,
                 teacher_topk_indices: torch.Tensor | None = None) -> torch.Tensor:
-        """The mean loss; the arguments are `kdscale.kernels.kd_loss`'s.
+        """The loss, averaged over the valid rows; the arguments are `kd_loss`'s.
 
         Args:
             student_logits: (..., V) logits of the student.
@@ -40,7 +43,10 @@ class KDLoss(torch.nn.Module):
                 row of the soft term alone (then alpha must be 1).
 
         Returns:
-            A 0-d tensor; its gradient flows to `student_logits` only.
+            A 0-d fp32 tensor; its gradient flows to `student_logits` only.
+
+        Raises:
+            ValueError: shapes that do not match, or alpha is not 1 without labels.
         """
         return kd_loss(student_logits, teacher_logits, labels,
                        teacher_topk_values=teacher_topk_values,
@@ -51,14 +57,32 @@ class KDLoss(torch.nn.Module):
     def parts(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None = None,
               labels: torch.Tensor | None = None, reduction: str = "mean",
               **teacher_topk: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The total loss and, for logging, its soft (T^2 * KL) and hard (CE) terms. The loss
-        is linear in the two, so they are computed once each and combined, not recomputed;
-        a term with weight 0 is kept out of the graph (and of any 0 * inf). A top-k teacher
-        comes as `teacher_topk_values=` and `teacher_topk_indices=`.
+        """The loss and, for logging, its soft (T^2 * KL) and hard (CE) terms.
 
+        The loss is linear in the two, so they are computed once each and combined, not
+        recomputed; a term with weight 0 is kept out of the graph (and of any 0 * inf).
         A row labelled NO_LABEL (an augmented copy, labelled by the teacher only) is a row of
         the soft term and not of the hard one; a mean is still over all rows, so each row
-        weighs the same: (alpha * T^2 * sum KL + (1 - alpha) * sum of the labelled CE) / rows."""
+        weighs the same: (alpha * T^2 * sum KL + (1 - alpha) * sum of the labelled CE) / rows.
+
+        Args:
+            student_logits: (..., V) logits of the student.
+            teacher_logits: (..., V) logits of a dense teacher; None for a top-k teacher, or
+                for none at all (a hard-label run: alpha 0, and labels are needed).
+            labels: (...) class ids; `ignore_index` leaves a row out, NO_LABEL leaves it out
+                of the hard term only.
+            reduction: "mean" over the rows not labelled `ignore_index`, "sum", or "none"
+                (per-row values shaped like the leading dims of `student_logits`).
+            **teacher_topk: `teacher_topk_values` and `teacher_topk_indices` of a top-k
+                teacher, as `kd_loss` takes them.
+
+        Returns:
+            {"loss": the weighted sum, with its graph; "soft": T^2 * KL; "hard": CE}, the two
+            terms detached and reduced as the loss is.
+
+        Raises:
+            ValueError: no teacher output while alpha is not 0 or labels are missing.
+        """
         if teacher_logits is None and not teacher_topk:
             return self._hard_only(student_logits, labels, reduction)
         labels_for = {"soft": labels, "hard": labels}
@@ -100,4 +124,5 @@ class KDLoss(torch.nn.Module):
         return (labels != self.ignore_index).sum().clamp(min=1)
 
     def extra_repr(self) -> str:
+        """T and alpha, for `print(module)`."""
         return f"temperature={self.temperature}, alpha={self.alpha}"

@@ -26,9 +26,10 @@ def kd_loss(
     ignore_index=-100,
     reduction="mean",
 ):
-    """``alpha * T^2 * KL(softmax(z_t / T) || softmax(z_s / T)) + (1 - alpha) * CE(y, z_s)``
-    per row, reduced over the valid rows: the fused Triton kernel on CUDA tensors, the
-    reference elsewhere (``reference.py`` holds the definition and formulas).
+    """The distillation loss: the fused Triton kernel on CUDA tensors, the reference elsewhere.
+
+    Per row, ``alpha * T^2 * KL(softmax(z_t / T) || softmax(z_s / T)) + (1 - alpha) * CE(y, z_s)``,
+    reduced over the valid rows; ``reference.py`` holds the definition and formulas.
 
     Args:
         student_logits: (..., V) student logits; leading dimensions are flattened to rows.
@@ -41,10 +42,17 @@ def kd_loss(
         alpha: weight of the soft term in [0, 1]; 1 - alpha weighs the cross-entropy.
         ignore_index: the label of a row that is not part of the loss.
         reduction: "mean" (over the valid rows, 0 when there are none), "sum", or "none"
-            (per-row values shaped like `labels`, 0 on ignored rows).
+            (per-row values shaped like the leading dims of `student_logits`, 0 on ignored
+            rows).
 
     Returns:
-        The loss, in fp32 whatever the input dtype; its gradient flows to `student_logits`.
+        The loss, in fp32 whatever the input dtype: 0-d for "mean" and "sum", per row for
+        "none". Its gradient flows to `student_logits` only.
+
+    Raises:
+        ValueError: not exactly one teacher, shapes that do not match the student's rows,
+            non-integer labels or indices, or temperature, alpha or reduction out of range
+            (alpha must be 1 without labels).
     """
     loss = kd_loss_triton if student_logits.is_cuda else kd_loss_reference
     return loss(
@@ -61,8 +69,24 @@ def kd_loss(
 
 
 def kd_loss_triton(student_logits, teacher_logits=None, labels=None, **options):
-    """``kd_loss`` through the Triton kernel on any device, with the same arguments plus
-    ``inplace_grad=True`` to write the gradient over ``student_logits`` (see ``fused.py``)."""
+    """``kd_loss`` through the Triton kernel, on CUDA or under ``TRITON_INTERPRET=1``.
+
+    Args:
+        student_logits: as in ``kd_loss``.
+        teacher_logits: as in ``kd_loss``.
+        labels: as in ``kd_loss``.
+        **options: ``kd_loss``'s keyword arguments, plus ``inplace_grad=True`` to write the
+            gradient over ``student_logits`` in the forward pass, saving one (..., V) buffer
+            (see ``fused.py``).
+
+    Returns:
+        The loss, as ``kd_loss`` returns it.
+
+    Raises:
+        ValueError: arguments ``kd_loss`` refuses, a teacher on another device than the
+            student, or ``inplace_grad`` on a leaf tensor.
+        RuntimeError: CPU tensors without the Triton interpreter.
+    """
     # Imported on first use, not with the package: importing the kernels imports triton and
     # fixes whether they compile or run in the interpreter (TRITON_INTERPRET is read then).
     from .fused import kd_loss_triton as triton_path

@@ -43,8 +43,9 @@ def kd_loss_reference(
     ignore_index=-100,
     reduction="mean",
 ):
-    """Distillation loss of ``student_logits`` (..., V) against a dense or top-k teacher: the
-    definition every other path is tested against, and the CPU path.
+    """The distillation loss in plain PyTorch: the definition, and the path off CUDA.
+
+    Every other path is tested against it; the module docstring gives the formulas.
 
     Args:
         student_logits: (..., V) student logits; leading dimensions are flattened to rows.
@@ -57,10 +58,17 @@ def kd_loss_reference(
         alpha: weight of the soft term in [0, 1]; 1 - alpha weighs the cross-entropy.
         ignore_index: the label of a row that is not part of the loss.
         reduction: "mean" (over the valid rows, 0 when there are none), "sum", or "none"
-            (per-row values shaped like `labels`, 0 on ignored rows).
+            (per-row values shaped like the leading dims of `student_logits`, 0 on ignored
+            rows).
 
     Returns:
-        The loss, in fp32 whatever the input dtype; its gradient flows to `student_logits`.
+        The loss, in fp32 whatever the input dtype: 0-d for "mean" and "sum", per row for
+        "none". Its gradient flows to `student_logits` only.
+
+    Raises:
+        ValueError: not exactly one teacher, shapes that do not match the student's rows,
+            non-integer labels or indices, or temperature, alpha or reduction out of range
+            (alpha must be 1 without labels).
     """
     _check_args(student_logits, teacher_logits, labels, teacher_topk_values,
                 teacher_topk_indices, temperature, alpha, reduction)
