@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from kdscale.data.augment import NO_LABEL
-from kdscale.kernels import kd_loss
+from kdscale.kernels import kd_loss, kd_loss_terms
 
 
 class KDLoss(torch.nn.Module):
@@ -59,8 +59,9 @@ class KDLoss(torch.nn.Module):
               **teacher_topk: torch.Tensor) -> dict[str, torch.Tensor]:
         """The loss and, for logging, its soft (T^2 * KL) and hard (CE) terms.
 
-        The loss is linear in the two, so they are computed once each and combined, not
-        recomputed; a term with weight 0 is kept out of the graph (and of any 0 * inf).
+        One call of `kd_loss_terms` (one launch of the fused kernel on CUDA, one gradient
+        buffer) gives the loss and both terms; a term with weight 0 is kept out of the loss
+        and its graph (and of any 0 * inf).
         A row labelled NO_LABEL (an augmented copy, labelled by the teacher only) is a row of
         the soft term and not of the hard one; a mean is still over all rows, so each row
         weighs the same: (alpha * T^2 * sum KL + (1 - alpha) * sum of the labelled CE) / rows.
@@ -85,23 +86,11 @@ class KDLoss(torch.nn.Module):
         """
         if teacher_logits is None and not teacher_topk:
             return self._hard_only(student_logits, labels, reduction)
-        labels_for = {"soft": labels, "hard": labels}
-        if labels is not None:
-            unlabelled = labels == NO_LABEL
-            labels_for = {"soft": labels.masked_fill(unlabelled, 0),  # any class: CE has weight 0
-                          "hard": labels.masked_fill(unlabelled, self.ignore_index)}
-        kwargs = {"temperature": self.temperature, "ignore_index": self.ignore_index,
-                  "reduction": "sum" if reduction == "mean" else reduction, **teacher_topk}
-        rows = self._rows(student_logits, labels) if reduction == "mean" else 1
-        terms, loss = {}, 0.0
-        for name, term_alpha, weight in (("soft", 1.0, self.alpha), ("hard", 0.0, 1 - self.alpha)):
-            with torch.set_grad_enabled(weight > 0 and torch.is_grad_enabled()):
-                terms[name] = kd_loss(student_logits, teacher_logits, labels_for[name],
-                                      alpha=term_alpha, **kwargs) / rows
-            if weight > 0:
-                loss = loss + weight * terms[name]
-            terms[name] = terms[name].detach()
-        return {"loss": loss, **terms}
+        terms = kd_loss_terms(student_logits, teacher_logits, labels,
+                              temperature=self.temperature, alpha=self.alpha,
+                              ignore_index=self.ignore_index, soft_only_index=NO_LABEL,
+                              reduction=reduction, **teacher_topk)
+        return terms._asdict()
 
     def _hard_only(self, student_logits: torch.Tensor, labels: torch.Tensor | None,
                    reduction: str) -> dict[str, torch.Tensor]:

@@ -9,9 +9,10 @@ Triton path on any device: CUDA, or CPU under the Triton interpreter (``TRITON_I
 as the tests do).
 """
 
-from .reference import kd_loss_reference
+from .reference import KDTerms, kd_loss_reference, kd_loss_terms_reference
 
-__all__ = ["kd_loss", "kd_loss_reference", "kd_loss_triton"]
+__all__ = ["KDTerms", "kd_loss", "kd_loss_reference", "kd_loss_terms", "kd_loss_terms_reference",
+           "kd_loss_terms_triton", "kd_loss_triton"]
 
 
 def kd_loss(
@@ -90,5 +91,52 @@ def kd_loss_triton(student_logits, teacher_logits=None, labels=None, **options):
     # Imported on first use, not with the package: importing the kernels imports triton and
     # fixes whether they compile or run in the interpreter (TRITON_INTERPRET is read then).
     from .fused import kd_loss_triton as triton_path
+
+    return triton_path(student_logits, teacher_logits, labels, **options)
+
+
+def kd_loss_terms(
+    student_logits,
+    teacher_logits=None,
+    labels=None,
+    *,
+    teacher_topk_values=None,
+    teacher_topk_indices=None,
+    temperature=1.0,
+    alpha=0.5,
+    ignore_index=-100,
+    soft_only_index=None,
+    reduction="mean",
+):
+    """The loss and its soft and hard terms in one call, as training logs them: one launch of
+    the fused kernel on CUDA tensors, the reference elsewhere.
+
+    Args:
+        soft_only_index: the label of a row that has the soft term only (an augmented copy,
+            labelled by the teacher alone); None: none. The other arguments are ``kd_loss``'s.
+
+    Returns:
+        A ``KDTerms`` (loss, soft, hard): the loss with its graph, as ``kd_loss`` returns it,
+        and T^2 * KL and CE, detached and reduced as the loss is.
+
+    Raises:
+        ValueError: as ``kd_loss``.
+    """
+    if student_logits.is_cuda:
+        from .fused import kd_loss_terms_triton as terms
+    else:
+        terms = kd_loss_terms_reference
+    return terms(student_logits, teacher_logits, labels,
+                 teacher_topk_values=teacher_topk_values,
+                 teacher_topk_indices=teacher_topk_indices, temperature=temperature,
+                 alpha=alpha, ignore_index=ignore_index, soft_only_index=soft_only_index,
+                 reduction=reduction)
+
+
+def kd_loss_terms_triton(student_logits, teacher_logits=None, labels=None, **options):
+    """``kd_loss_terms`` through the Triton kernel, on CUDA or under ``TRITON_INTERPRET=1``;
+    ``options`` as in ``kd_loss_triton`` (``inplace_grad`` included), plus ``soft_only_index``.
+    """
+    from .fused import kd_loss_terms_triton as triton_path
 
     return triton_path(student_logits, teacher_logits, labels, **options)

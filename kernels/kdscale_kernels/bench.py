@@ -5,17 +5,21 @@ For each teacher (dense; top-k with k = 32, 64), dtype (bf16, fp32), rows N and 
 forward and forward+backward time (median of ``triton.testing.do_bench``), bandwidth and
 peak memory of one training step, for
 
-    kdscale  ``kd_loss_triton``: the fused kernel (loss and gradient in the forward pass)
-    eager    ``kd_loss_reference``: the pure-PyTorch definition of the loss
-    compile  ``torch.compile(kd_loss_reference)``, default settings
+    kdscale  ``kd_loss_terms_triton``: the fused kernel, the call training makes (``KDLoss.parts``
+             in ``kdscale distill`` and the Trainer): one launch for the loss, its gradient
+             and the soft and hard terms that training logs
+    eager    ``kd_loss_terms_reference``: the pure-PyTorch definition, the same call
+    compile  ``torch.compile(kd_loss_terms_reference)``, default settings
     liger    Liger-Kernel's ``LigerKLDIVLoss(reduction="batchmean", log_target=True)``, when
              installed; dense teacher only. It takes log-probabilities, so its inputs are
              ``log_softmax(z / T)`` of both logits, computed outside the timed region: its
              time leaves out the two softmaxes over each row that the others include, and the
              T^2 factor and the CE term; its gradient is w.r.t. the log-probabilities.
 
-All compute ``alpha = 0.5, T = 2`` with 10% of rows ignored, inputs requiring grad (a training
-step); top-k values come in the logits' dtype with int32 indices, as in the logit cache.
+All compute ``alpha = 0.5, T = 2`` with training's arguments: ``reduction="sum"``, 10% of rows
+ignored and 10% labelled by the teacher alone (``soft_only_index``, as augmented copies are),
+inputs requiring grad (a training step); top-k values come in the logits' dtype with int32
+indices, as in the logit cache.
 
 Byte model (the least one training step must move): read the student logits once, read the
 teacher once (dense: N*V logits; top-k: N*k values and indices), write the gradient once, plus
@@ -40,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from . import kd_loss_reference, kd_loss_triton
+from . import kd_loss_terms_reference, kd_loss_terms_triton
 
 SWEEP = dict(vocab=[2, 3, 1024, 8192, 30522, 50257, 128256], rows=[4096, 8192, 32768],
              dtype=["bf16", "fp32"], teacher=["dense", "topk32", "topk64"],
@@ -51,17 +55,22 @@ CPU_SANITY = dict(vocab=[2, 3, 1271], rows=[16], dtype=["fp32"], teacher=["dense
                   provider=["kdscale", "eager"])
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 TEMPERATURE, ALPHA = 2.0, 0.5
+SOFT_ONLY = -1  # the label of a row the teacher alone labelled (kdscale.data.augment.NO_LABEL)
+TRAINING_CALL = dict(temperature=TEMPERATURE, alpha=ALPHA, soft_only_index=SOFT_ONLY,
+                     reduction="sum")  # as KDLoss.parts calls kd_loss_terms in training
 BYTE_MODEL = ("read student N*V + read teacher (N*V, or N*k values + indices) + write "
               "gradient N*V + labels N*8 bytes")
 
 
 def make_case(rows, vocab, dtype, teacher, device, seed=0):
-    """Inputs of one configuration: the student requires grad; 10% of rows ignored."""
+    """Inputs of one configuration: the student requires grad; 10% of rows ignored, 10%
+    labelled by the teacher alone."""
     g = torch.Generator(device=device).manual_seed(seed)
     s = torch.randn(rows, vocab, generator=g, device=device).mul_(2).to(dtype)
     t = torch.randn(rows, vocab, generator=g, device=device).mul_(2).to(dtype)
     y = torch.randint(0, vocab, (rows,), generator=g, device=device)
     y[: rows // 10] = -100
+    y[rows // 10: rows // 5] = SOFT_ONLY
     case = dict(student=s.requires_grad_(), labels=y, teacher_logits=t)
     if teacher.startswith("topk"):
         values, indices = t.topk(min(int(teacher[4:]), vocab), dim=-1)
@@ -81,14 +90,14 @@ def model_bytes(case):
 def loss_fn(provider, case, compiled):
     """The leaf the gradient goes to, and a closure computing the provider's loss."""
     kw = {k: v for k, v in case.items() if k != "student"}
-    kw.update(temperature=TEMPERATURE, alpha=ALPHA)
+    kw.update(TRAINING_CALL)
     s = case["student"]
     if provider == "kdscale":
-        return s, lambda: kd_loss_triton(s, **kw)
+        return s, lambda: kd_loss_terms_triton(s, **kw).loss
     if provider == "eager":
-        return s, lambda: kd_loss_reference(s, **kw)
+        return s, lambda: kd_loss_terms_reference(s, **kw).loss
     if provider == "compile":
-        return s, lambda: compiled(s, **kw)
+        return s, lambda: compiled(s, **kw).loss
     if case["teacher_logits"] is None:
         raise NotApplicable("dense teacher only")
     from liger_kernel.transformers import LigerKLDIVLoss
@@ -153,7 +162,7 @@ def run_sweep(sweep, device, copy):
             compiled = None
             if "compile" in sweep["provider"]:
                 torch._dynamo.reset()  # one compiled reference per teacher and dtype
-                compiled = torch.compile(kd_loss_reference)
+                compiled = torch.compile(kd_loss_terms_reference)
             for rows in sweep["rows"]:
                 for vocab in sweep["vocab"]:
                     results += run_config(sweep["provider"], teacher, dtype, rows, vocab,
@@ -272,10 +281,11 @@ def main(argv=None):
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu (Triton interpreter)"
     copy = copy_gbps(device)
     print(f"device: {name}; copy bandwidth {copy:.0f} GB/s (read + write)\n"
-          f"byte model: {BYTE_MODEL}; T = {TEMPERATURE}, alpha = {ALPHA}\n{HEADER}")
+          f"byte model: {BYTE_MODEL}; the call: kd_loss_terms({TRAINING_CALL})\n{HEADER}")
     results = run_sweep(sweep, device, copy)
     report = dict(device=name, torch=torch.__version__, copy_gbps=copy, byte_model=BYTE_MODEL,
-                  temperature=TEMPERATURE, alpha=ALPHA, sweep=sweep, results=results)
+                  call=dict(function="kd_loss_terms", **TRAINING_CALL), sweep=sweep,
+                  results=results)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "kd_loss_bench.json").write_text(json.dumps(report, indent=1) + "\n")

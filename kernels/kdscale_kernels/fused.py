@@ -15,9 +15,14 @@ values over the live slots and KL sums over the slots, so P = sum of p_t over th
 (1, or 0 for a row of padding only) and p_t[j] is the mass of the slot holding index j. The
 student's log-sum-exps still cover the whole row.
 
+A row labelled ``soft_only_index`` (a copy labelled by the teacher alone) has the soft term and
+not the hard one. Training takes one launch for the loss and both terms: the kernel writes each
+row's soft term (T^2 * KL) and hard term (CE) beside the loss, for logging.
+
 The kernel writes the gradient of each row's loss in the forward pass, unscaled; the backward
-multiplies it by grad_output (divided by the number of valid rows for "mean"), on the device,
-with no host sync. Each program owns ROWS whole rows (many for tiny V, one for large V):
+multiplies it by grad_output (divided by the number of valid rows for "mean") in fp32 and
+rounds the product once to the gradient's dtype, on the device, with no host sync. Each
+program owns ROWS whole rows (many for tiny V, one for large V):
 
     1. stats:    one sweep over the row: the student's running max and sums of exp at T and
                  at 1, the teacher's running max and sum at T (online softmax; dense teacher).
@@ -40,7 +45,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from .reference import _check_args
+from .reference import KDTerms, _check_args
 
 # Columns per block of the sweeps over a row: 1024 keeps each program's block in registers;
 # rows of V <= 1024 are packed ROWS = 1024 // BLOCK_V to a program. Tests rely on V = 1271
@@ -90,15 +95,17 @@ def _kd_loss_kernel(
     y_ptr,  # [N] labels (HAS_LABELS only)
     loss_ptr,  # [N] fp32 per-row loss (out)
     g_ptr,  # [N, V] gradient of each row's loss w.r.t. its logits (out; may be s_ptr)
+    terms_ptr,  # [2, N] fp32 per-row soft (T^2 * KL) and hard (CE) terms (out, WRITE_TERMS)
     n_rows, V, K,
     s_stride, t_stride, i_stride, g_stride,
     inv_t, kl_weight, ce_weight,  # 1 / T, alpha * T^2, 1 - alpha
-    ignore_index,
+    ignore_index, soft_only_index,  # labels of rows out of the loss / out of the hard term
     TOPK: tl.constexpr,  # teacher given as top-k slots, else dense
     HAS_LABELS: tl.constexpr,  # rows whose label is ignore_index are skipped
-    HAS_KL: tl.constexpr,  # alpha > 0
-    HAS_CE: tl.constexpr,  # alpha < 1
+    HAS_KL: tl.constexpr,  # alpha > 0, or the terms are wanted
+    HAS_CE: tl.constexpr,  # alpha < 1 with labels, or the terms are wanted with labels
     WRITE_GRAD: tl.constexpr,
+    WRITE_TERMS: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Scalars arrive as fp64 from Inductor; fp64 would spread through the arithmetic.
@@ -111,6 +118,7 @@ def _kd_loss_kernel(
     if HAS_LABELS:
         y = tl.load(y_ptr + rows, mask=row_in, other=ignore_index).to(tl.int64)
         valid = row_in & (y != ignore_index)
+        labelled = valid & (y != soft_only_index)  # rows of the hard term
     s_row = s_ptr + rows[:, None] * s_stride  # [ROWS, 1]
     t_row = t_ptr + rows[:, None] * t_stride
 
@@ -132,11 +140,11 @@ def _kd_loss_kernel(
             z_t = tl.load(t_row + cols[None, :], mask=live, other=float("-inf")).to(tl.float32)
             m_t, d_t = _online_lse(m_t, d_t, z_t, inv_t)
 
-    loss = tl.zeros((ROWS,), tl.float32)
+    ce = tl.zeros((ROWS,), tl.float32)
     if HAS_CE:  # CE = logsumexp(z_s) - z_s[y]; a label outside [0, V) gives NaN (no raising here)
-        y_in = valid & (y >= 0) & (y < V)
+        y_in = labelled & (y >= 0) & (y < V)
         z_y = tl.load(s_ptr + rows * s_stride + tl.where(y_in, y, 0), mask=y_in).to(tl.float32)
-        loss += ce_weight * (m_s + tl.log(d_s1) - tl.where(y_in, z_y, float("nan")))
+        ce = tl.where(labelled, m_s + tl.log(d_s1) - tl.where(y_in, z_y, float("nan")), 0.0)
 
     kl = tl.zeros((ROWS,), tl.float32)
     if HAS_KL and TOPK:  # slots: the teacher's stats over the k slots, then KL over them
@@ -178,7 +186,8 @@ def _kd_loss_kernel(
                     grad -= (kl_weight * inv_t) * p
             if HAS_CE:
                 q = tl.exp(_log_softmax(z_s, m_s, d_s1, 1.0))
-                grad += ce_weight * (q - tl.where(cols[None, :] == y[:, None], 1.0, 0.0))
+                one_hot = tl.where(cols[None, :] == y[:, None], 1.0, 0.0)
+                grad += tl.where(labelled[:, None], ce_weight * (q - one_hot), 0.0)
             if WRITE_GRAD:  # zeros on invalid rows
                 g_out = tl.where(valid[:, None], grad, 0.0).to(g_ptr.dtype.element_ty)
                 tl.store(g_ptr + rows[:, None] * g_stride + cols[None, :], g_out,
@@ -196,16 +205,23 @@ def _kd_loss_kernel(
             g -= (kl_weight * inv_t) * p
             tl.store(g_at, g.to(g_ptr.dtype.element_ty), mask=live & (idx < V))
 
+    # A term of weight 0 stays out of the loss, so its inf or NaN cannot make the loss NaN.
+    loss = tl.where(ce_weight > 0, ce_weight * ce, 0.0)
     if HAS_KL:
-        loss += kl_weight * kl
+        loss += tl.where(kl_weight > 0, kl_weight * kl, 0.0)
     tl.store(loss_ptr + rows, tl.where(valid, loss, 0.0), mask=row_in)
+    if WRITE_TERMS:
+        tl.store(terms_ptr + rows, tl.where(valid, kl / (inv_t * inv_t), 0.0), mask=row_in)
+        tl.store(terms_ptr + n_rows + rows, ce, mask=row_in)
 
 
-def _launch(student, teacher, labels, values, indices, temperature, alpha, ignore_index, grad):
+def _launch(student, teacher, labels, values, indices, consts, grad, terms):
     """Runs the kernel on rows already flattened: student [N, V] with a unit column stride,
-    a dense teacher [N, V] or top-k values and indices [N, k], labels [N] or None. Writes the
-    gradient into ``grad`` ([N, V], may be ``student`` itself) unless it is None. Returns the
-    per-row loss [N] in fp32."""
+    a dense teacher [N, V] or top-k values and indices [N, k], labels [N] or None; ``consts``
+    is (temperature, alpha, ignore_index, soft_only_index). Writes the gradient into ``grad``
+    ([N, V], may be ``student`` itself) and the per-row terms into ``terms`` ([2, N] fp32),
+    each unless it is None. Returns the per-row loss [N] in fp32."""
+    temperature, alpha, ignore_index, soft_only_index = consts
     n_rows, vocab = student.shape
     loss = torch.empty(n_rows, dtype=torch.float32, device=student.device)
     if n_rows == 0:
@@ -217,15 +233,17 @@ def _launch(student, teacher, labels, values, indices, temperature, alpha, ignor
     rows = BLOCK_V_MAX // block_v  # tiny V: many rows per program
     block_k = min(triton.next_power_of_2(max(k, 1)), BLOCK_K_MAX)
     unused = student  # pointer for an input the switches leave unread
+    has_labels, want_terms = labels is not None, terms is not None
     wrap_triton(_kd_loss_kernel)[(triton.cdiv(n_rows, rows),)](
         student, t_in, indices if topk else unused, unused if labels is None else labels,
-        loss, unused if grad is None else grad,
+        loss, unused if grad is None else grad, loss if terms is None else terms,
         n_rows, vocab, k,
         student.stride(0), t_in.stride(0), indices.stride(0) if topk else 0,
         0 if grad is None else grad.stride(0),
-        1.0 / temperature, alpha * temperature**2, 1.0 - alpha, ignore_index,
-        TOPK=topk, HAS_LABELS=labels is not None, HAS_KL=alpha > 0, HAS_CE=alpha < 1,
-        WRITE_GRAD=grad is not None, ROWS=rows, BLOCK_V=block_v, BLOCK_K=block_k,
+        1.0 / temperature, alpha * temperature**2, 1.0 - alpha, ignore_index, soft_only_index,
+        TOPK=topk, HAS_LABELS=has_labels, HAS_KL=alpha > 0 or want_terms,
+        HAS_CE=has_labels and (alpha < 1 or want_terms), WRITE_GRAD=grad is not None,
+        WRITE_TERMS=want_terms, ROWS=rows, BLOCK_V=block_v, BLOCK_K=block_k,
         num_warps=NUM_WARPS,
     )
     return loss
@@ -235,52 +253,71 @@ def _launch(student, teacher, labels, values, indices, temperature, alpha, ignor
 def _kd_loss_fwd(student: torch.Tensor, teacher: torch.Tensor | None,
                  labels: torch.Tensor | None, values: torch.Tensor | None,
                  indices: torch.Tensor | None, temperature: float, alpha: float,
-                 ignore_index: int, write_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row loss [N] and the gradient of each row's loss [N, V] (empty unless write_grad)."""
+                 ignore_index: int, soft_only_index: int, write_grad: bool,
+                 write_terms: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row loss [N], the gradient of each row's loss [N, V] (empty unless write_grad) and
+    the per-row soft and hard terms [2, N] (empty unless write_terms)."""
     grad = torch.empty(student.shape if write_grad else (0,), dtype=student.dtype,
                        device=student.device)
-    loss = _launch(student, teacher, labels, values, indices, temperature, alpha, ignore_index,
-                   grad if write_grad else None)
-    return loss, grad
+    terms = torch.empty((2, student.shape[0]) if write_terms else (0,), dtype=torch.float32,
+                        device=student.device)
+    consts = (temperature, alpha, ignore_index, soft_only_index)
+    loss = _launch(student, teacher, labels, values, indices, consts,
+                   grad if write_grad else None, terms if write_terms else None)
+    return loss, grad, terms
 
 
 @triton_op("kdscale::kd_loss_fwd_inplace", mutates_args={"student"})
 def _kd_loss_fwd_inplace(student: torch.Tensor, teacher: torch.Tensor | None,
                          labels: torch.Tensor | None, values: torch.Tensor | None,
                          indices: torch.Tensor | None, temperature: float, alpha: float,
-                         ignore_index: int) -> torch.Tensor:
-    """Per-row loss [N]; the gradient of each row's loss overwrites ``student``."""
-    return _launch(student, teacher, labels, values, indices, temperature, alpha, ignore_index,
-                   student)
+                         ignore_index: int, soft_only_index: int,
+                         write_terms: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row loss [N] and terms [2, N] (empty unless write_terms); the gradient of each
+    row's loss overwrites ``student``."""
+    terms = torch.empty((2, student.shape[0]) if write_terms else (0,), dtype=torch.float32,
+                        device=student.device)
+    consts = (temperature, alpha, ignore_index, soft_only_index)
+    loss = _launch(student, teacher, labels, values, indices, consts, student,
+                   terms if write_terms else None)
+    return loss, terms
 
 
 class _KDLoss(torch.autograd.Function):
-    """Forward: the kernel (loss and gradient); backward: the saved gradient times grad_output."""
+    """Forward: one launch of the kernel (loss, gradient and, when asked, the two terms);
+    backward: the saved gradient times grad_output."""
 
     @staticmethod
     def forward(ctx, student, teacher, labels, values, indices, temperature, alpha,
-                ignore_index, reduction, inplace):
-        args = (student, teacher, labels, values, indices, temperature, alpha, ignore_index)
+                ignore_index, soft_only_index, reduction, inplace, want_terms):
+        args = (student, teacher, labels, values, indices, temperature, alpha, ignore_index,
+                soft_only_index)
         if inplace:
-            row_loss, grad = torch.ops.kdscale.kd_loss_fwd_inplace(*args), student
+            grad = student
+            row_loss, terms = torch.ops.kdscale.kd_loss_fwd_inplace(*args, want_terms)
         else:
-            row_loss, grad = torch.ops.kdscale.kd_loss_fwd(*args, True)
+            row_loss, grad, terms = torch.ops.kdscale.kd_loss_fwd(*args, True, want_terms)
         count = _valid_count(labels, ignore_index, student)
         ctx.save_for_backward(grad, count)
         ctx.reduction, ctx.inplace = reduction, inplace
-        return _reduce(row_loss, count, reduction)
+        soft, hard = (_reduce(t, count, reduction) for t in terms) if want_terms else (None,) * 2
+        if want_terms:
+            ctx.mark_non_differentiable(soft, hard)  # one call: a second replaces the first
+        return _reduce(row_loss, count, reduction), soft, hard
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def backward(ctx, grad_output, _grad_soft, _grad_hard):
         grad, count = ctx.saved_tensors
-        if ctx.reduction == "none":
-            scale = grad_output.reshape(-1, 1)  # [N, 1]
-        else:
-            scale = grad_output / count if ctx.reduction == "mean" else grad_output
-        scale = scale.to(grad.dtype)
+        scale = grad_output.float()
+        if ctx.reduction == "mean":
+            scale = scale / count
+        # An fp32 [N, 1] or [1, 1] factor: the product is computed in fp32 and rounded once
+        # to the gradient's dtype (a bf16 factor would round the scale too).
+        scale = scale.reshape(-1, 1)
+        out = grad if ctx.inplace else torch.empty_like(grad)
         # In place only where the caller gave up the logits (and with them a second backward).
-        grad = grad.mul_(scale) if ctx.inplace else grad * scale
-        return grad, None, None, None, None, None, None, None, None, None
+        torch.mul(grad, scale, out=out)
+        return out, *(None,) * 11
 
 
 def _valid_count(labels, ignore_index, student):
@@ -290,10 +327,10 @@ def _valid_count(labels, ignore_index, student):
     return (labels != ignore_index).sum().clamp(min=1)
 
 
-def _reduce(row_loss, count, reduction):
+def _reduce(row_values, count, reduction):
     if reduction == "none":
-        return row_loss
-    return row_loss.sum() / count if reduction == "mean" else row_loss.sum()
+        return row_values
+    return row_values.sum() / count if reduction == "mean" else row_values.sum()
 
 
 def _flatten(student, teacher, labels, values, indices):
@@ -331,19 +368,43 @@ def kd_loss_triton(student_logits, teacher_logits=None, labels=None, *,
     the graph then allows a single backward. Top-k indices must be distinct within a row
     (as ``torch.topk`` gives); a label or index outside [0, V) gives a NaN row, not an error.
     """
-    _check_args(student_logits, teacher_logits, labels, teacher_topk_values,
-                teacher_topk_indices, temperature, alpha, reduction)
-    _check_devices(student_logits, teacher_logits, teacher_topk_values, teacher_topk_indices)
+    return _fused(student_logits, teacher_logits, labels, teacher_topk_values,
+                  teacher_topk_indices, (temperature, alpha, ignore_index, None), reduction,
+                  inplace_grad, want_terms=False).loss
+
+
+def kd_loss_terms_triton(student_logits, teacher_logits=None, labels=None, *,
+                         teacher_topk_values=None, teacher_topk_indices=None, temperature=1.0,
+                         alpha=0.5, ignore_index=-100, soft_only_index=None, reduction="mean",
+                         inplace_grad=False):
+    """``kd_loss_terms`` through the Triton kernel: the loss, its gradient and both terms in
+    one launch; arguments as in ``kd_loss_triton`` and ``reference.kd_loss_terms_reference``."""
+    return _fused(student_logits, teacher_logits, labels, teacher_topk_values,
+                  teacher_topk_indices, (temperature, alpha, ignore_index, soft_only_index),
+                  reduction, inplace_grad, want_terms=True)
+
+
+def _fused(student_logits, teacher_logits, labels, values, indices, options, reduction,
+           inplace_grad, want_terms):
+    temperature, alpha, ignore_index, soft_only_index = options
+    _check_args(student_logits, teacher_logits, labels, values, indices, temperature, alpha,
+                reduction)
+    _check_devices(student_logits, teacher_logits, values, indices)
     if inplace_grad and student_logits.is_leaf and student_logits.requires_grad:
         raise ValueError("inplace_grad writes the gradient over student_logits, which is a leaf: "
                          "its .grad would be the tensor itself; pass a model's output instead")
     lead_shape = student_logits.shape[:-1]
-    args = _flatten(student_logits, teacher_logits, labels, teacher_topk_values,
-                    teacher_topk_indices)
-    consts = (float(temperature), float(alpha), int(ignore_index))
+    args = _flatten(student_logits, teacher_logits, labels, values, indices)
+    # Without a soft-only label, the ignored label stands in: it marks no valid row.
+    soft_only = ignore_index if soft_only_index is None else soft_only_index
+    consts = (float(temperature), float(alpha), int(ignore_index), int(soft_only))
     if torch.is_grad_enabled() and student_logits.requires_grad:
-        out = _KDLoss.apply(*args, *consts, reduction, inplace_grad)
+        loss, soft, hard = _KDLoss.apply(*args, *consts, reduction, inplace_grad, want_terms)
     else:
-        row_loss, _ = torch.ops.kdscale.kd_loss_fwd(*args, *consts, False)
-        out = _reduce(row_loss, _valid_count(args[2], ignore_index, args[0]), reduction)
-    return out.reshape(lead_shape) if reduction == "none" else out
+        row_loss, _, terms = torch.ops.kdscale.kd_loss_fwd(*args, *consts, False, want_terms)
+        count = _valid_count(args[2], ignore_index, args[0])
+        loss = _reduce(row_loss, count, reduction)
+        soft, hard = (_reduce(t, count, reduction) for t in terms) if want_terms else (None,) * 2
+    if reduction == "none":
+        loss, soft, hard = (x if x is None else x.reshape(lead_shape) for x in (loss, soft, hard))
+    return KDTerms(loss, soft, hard)

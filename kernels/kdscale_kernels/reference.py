@@ -12,6 +12,10 @@ term is off and alpha must be 1). With temperature T::
     CE_r    = -log q[y_r]
     loss    = (1 / N_valid) * sum_{valid r} (alpha * T^2 * KL_r + (1 - alpha) * CE_r)
 
+A row labelled ``soft_only_index`` (an augmented copy that only the teacher labelled) is valid
+and has CE_r = 0: it counts in N_valid and in the soft term, not in the hard one.
+``kd_loss_terms`` also returns the two terms, T^2 * KL and CE, reduced as the loss is.
+
 ``reduction="sum"`` drops the 1 / N_valid; ``"none"`` returns the per-row values shaped like
 the leading dims, 0 for invalid rows. With no valid row the loss and its gradient are 0.
 
@@ -24,11 +28,20 @@ detached: the gradient flows to the student logits only.
 """
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 _REDUCTIONS = ("mean", "sum", "none")
+
+
+class KDTerms(NamedTuple):
+    """The loss and its two terms, each reduced as the loss is."""
+
+    loss: torch.Tensor  # alpha * soft + (1 - alpha) * hard, with its graph
+    soft: torch.Tensor | None  # T^2 * KL, detached (None from plain kd_loss)
+    hard: torch.Tensor | None  # CE of the rows with a hard label, detached (as soft)
 
 
 def kd_loss_reference(
@@ -70,23 +83,75 @@ def kd_loss_reference(
             non-integer labels or indices, or temperature, alpha or reduction out of range
             (alpha must be 1 without labels).
     """
-    _check_args(student_logits, teacher_logits, labels, teacher_topk_values,
-                teacher_topk_indices, temperature, alpha, reduction)
+    options = (temperature, alpha, ignore_index, None)
+    return _terms(student_logits, teacher_logits, labels, teacher_topk_values,
+                  teacher_topk_indices, options, reduction, want_terms=False).loss
+
+
+def kd_loss_terms_reference(
+    student_logits,
+    teacher_logits=None,
+    labels=None,
+    *,
+    teacher_topk_values=None,
+    teacher_topk_indices=None,
+    temperature=1.0,
+    alpha=0.5,
+    ignore_index=-100,
+    soft_only_index=None,
+    reduction="mean",
+):
+    """The loss and its soft (T^2 * KL) and hard (CE) terms, in one pass: what training logs.
+
+    Args:
+        soft_only_index: the label of a row that has the soft term only (an augmented copy);
+            None: none. The other arguments are ``kd_loss_reference``'s.
+
+    Returns:
+        A ``KDTerms``: the loss, with its graph, and the two terms, detached, each reduced as
+        the loss is (a mean over the same valid rows, so loss = alpha * soft + (1 - alpha) *
+        hard). Both terms are computed whatever alpha is; a term of weight 0 stays out of the
+        loss and its graph.
+
+    Raises:
+        ValueError: as ``kd_loss_reference``.
+    """
+    options = (temperature, alpha, ignore_index, soft_only_index)
+    return _terms(student_logits, teacher_logits, labels, teacher_topk_values,
+                  teacher_topk_indices, options, reduction, want_terms=True)
+
+
+def _terms(student_logits, teacher_logits, labels, values, indices, options, reduction,
+           want_terms):
+    temperature, alpha, ignore_index, soft_only_index = options
+    _check_args(student_logits, teacher_logits, labels, values, indices, temperature, alpha,
+                reduction)
     lead_shape, vocab = student_logits.shape[:-1], student_logits.shape[-1]
     z_s = student_logits.reshape(-1, vocab).float()  # (N, V)
     valid = _valid_rows(z_s, labels, ignore_index)  # (N,) bool
     # Zero the logits of ignored rows (the teacher's too) so that inf/NaN there cannot reach
     # the loss or any gradient: a where() on the per-row loss alone back-propagates 0 * NaN.
     z_s = torch.where(valid[:, None], z_s, 0.0)
-    row_loss = z_s.new_zeros(z_s.shape[0])  # (N,)
-    if alpha > 0:
-        kl = _kl_rows(z_s, teacher_logits, teacher_topk_values, teacher_topk_indices,
-                      valid, temperature)
-        row_loss = row_loss + (alpha * temperature**2) * kl
-    if alpha < 1:
-        row_loss = row_loss + (1 - alpha) * _ce_rows(z_s, labels, valid)
-    row_loss = torch.where(valid, row_loss, 0.0)
-    return _reduce(row_loss, valid, lead_shape, reduction)
+    soft = hard = z_s.new_zeros(z_s.shape[0])  # (N,)
+    if alpha > 0 or want_terms:
+        with torch.set_grad_enabled(alpha > 0 and torch.is_grad_enabled()):
+            soft = temperature**2 * _kl_rows(z_s, teacher_logits, values, indices, valid,
+                                             temperature)
+    if labels is not None and (alpha < 1 or want_terms):
+        labelled = valid if soft_only_index is None else \
+            valid & (labels.reshape(-1).to(z_s.device) != soft_only_index)
+        with torch.set_grad_enabled(alpha < 1 and torch.is_grad_enabled()):
+            hard = torch.where(labelled, _ce_rows(z_s, labels, labelled), 0.0)
+    # A term of weight 0 stays out of the loss: its inf or NaN cannot make the loss NaN.
+    row_loss = z_s.new_zeros(z_s.shape[0])
+    for weight, term in ((alpha, soft), (1 - alpha, hard)):
+        if weight > 0:
+            row_loss = row_loss + weight * term
+    reduce = lambda rows: _reduce(torch.where(valid, rows, 0.0), valid, lead_shape,  # noqa: E731
+                                  reduction)
+    if not want_terms:
+        return KDTerms(reduce(row_loss), None, None)
+    return KDTerms(reduce(row_loss), reduce(soft).detach(), reduce(hard).detach())
 
 
 def _valid_rows(z_s, labels, ignore_index):
