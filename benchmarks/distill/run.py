@@ -25,6 +25,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.cache.run import build_teacher
+from benchmarks.provenance import provenance
 from kdscale.commands.demo import write_demo_task
 from kdscale.commands.report import device_name
 from kdscale.train.timing import PHASES, overall_breakdown
@@ -118,7 +119,8 @@ def main(argv=None) -> dict:
     cached, online = median_breakdown(runs["cached"]), median_breakdown(runs["online"])
     summary = summarize(cached, online)
     print_table(cached, online, summary)
-    result = {"device": device_name(), "settings": vars(args) | {"out": str(args.out)},
+    result = {"device": device_name(), **provenance(),
+              "settings": vars(args) | {"out": str(args.out)},
               "step_ms": {"cached": cached, "online": online}, "runs": runs, **summary}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,7 @@ import torch
 import yaml
 from kdscale.kernels import kd_loss
 
+from benchmarks.provenance import provenance
 from benchmarks.sst2.run import REPO, kdscale_config, minilm_dir
 from kdscale.commands.cache import run_cache
 from kdscale.commands.distill import run_distill
@@ -126,7 +127,7 @@ def main(argv=None) -> dict:
     held_out = HeldOut(teacher_cfg)
     manifest = json.loads((root / "cache" / "manifest.json").read_text())
     results = {
-        "device": device_name(), "torch_threads": torch.get_num_threads(),
+        "device": device_name(), **provenance(), "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(), "settings": as_given(settings), "seconds": seconds,
         "total_s": round(time.perf_counter() - start, 1),
         "cache": {"rows": manifest["num_rows"], "examples": manifest["num_examples"],

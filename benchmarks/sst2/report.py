@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.provenance import provenance
 from kdscale.commands.report import device_name
 
 
@@ -71,7 +72,7 @@ def build(settings: dict, dev_rows: dict, kd_side: dict, base_side: dict | None,
           total_s: float) -> dict:
     kd = summarize_side(kd_side)
     base = summarize_side(base_side) if base_side else None
-    return {"device": device_name(), "torch_threads": torch.get_num_threads(),
+    return {"device": device_name(), **provenance(), "torch_threads": torch.get_num_threads(),
             "cpu_count": os.cpu_count(), "eval_device": "cpu",
             "cuda": torch.cuda.is_available(), "total_s": round(total_s, 1), "dev": dev_rows,
             "train_rows": kd_side["train_rows"], "transfer_rows": kd_side["transfer_rows"],
@@ -85,7 +86,22 @@ def size(n: int) -> str:
 
 
 def fmt_acc(s: dict) -> str:
+    if s.get("n", 2) == 1:  # no spread to show from one seed
+        return f"{s['mean']:.4f} (one seed)"
     return f"{s['mean']:.4f} ± {s['std']:.4f} ({s['min']:.4f}-{s['max']:.4f})"
+
+
+def source_line(results: dict) -> str:
+    """The code the figures came from: the commit, or the historical label."""
+    old = results.get("provenance")
+    if old:
+        return (f"Historical: added in commit {old['committed_in'][:10]}, measured by that "
+                f"code or earlier (runs of that time did not record their commit).")
+    commit = results.get("commit")
+    if not commit:
+        return "Measured outside a git checkout: no commit to name."
+    tree = "a clean tree" if results.get("clean_tree") else "a tree with uncommitted changes"
+    return f"Measured at commit {commit[:10]}, {tree}."
 
 
 def model_rows(results: dict) -> list[str]:
@@ -130,6 +146,10 @@ def copies_note(results: dict) -> str:
             f"the hard-label students read the labelled rows alone)") if copies else ""
 
 
+def spread_header(settings: dict) -> str:
+    return "one seed" if len(settings["seeds"]) == 1 else "mean ± std, min-max"
+
+
 def markdown(results: dict) -> str:
     s = results["settings"]
     against = "against the plain recipe" if results["baseline"] else "(no baseline in this run)"
@@ -141,7 +161,8 @@ def markdown(results: dict) -> str:
              f"{copies_note(results)}, {results['dev']['examples']} dev rows "
              f"(the same rows for every model); "
              f"student seeds {s['seeds']}; whole benchmark {results['total_s'] / 60:.1f} min.",
-             "", "| model | layers | dev accuracy (mean ± std, min-max) | retention | "
+             "", source_line(results),
+             "", f"| model | layers | dev accuracy ({spread_header(s)}) | retention | "
              "parameters | latency/batch (ms) | speedup |", "|---|---|---|---|---|---|---|",
              *model_rows(results), "", "| wall time (s) | kdscale | baseline |", "|---|---|---|",
              *time_rows(results), "",
