@@ -22,6 +22,7 @@ def kd_loss(
     *,
     teacher_topk_values=None,
     teacher_topk_indices=None,
+    teacher_topk_tail=None,
     temperature=1.0,
     alpha=0.5,
     ignore_index=-100,
@@ -37,6 +38,8 @@ def kd_loss(
         teacher_logits: (..., V) teacher logits (a dense teacher). Give this, or both of
         teacher_topk_values: (..., k) the teacher's k largest logits per row, and
         teacher_topk_indices: (..., k) their vocabulary indices; -1 marks an empty slot.
+        teacher_topk_tail: optional (...) with top-k: the teacher's probability mass outside
+            the k slots at this temperature, kept as one more slot (``reference.py``).
         labels: (...) class ids for the hard term; rows labelled `ignore_index` are left
             out. None: every row counts, the hard term is off and `alpha` must be 1.
         temperature: T > 0, applied to both distributions of the soft term.
@@ -62,6 +65,7 @@ def kd_loss(
         labels,
         teacher_topk_values=teacher_topk_values,
         teacher_topk_indices=teacher_topk_indices,
+        teacher_topk_tail=teacher_topk_tail,
         temperature=temperature,
         alpha=alpha,
         ignore_index=ignore_index,
@@ -102,6 +106,7 @@ def kd_loss_terms(
     *,
     teacher_topk_values=None,
     teacher_topk_indices=None,
+    teacher_topk_tail=None,
     temperature=1.0,
     alpha=0.5,
     ignore_index=-100,
@@ -128,7 +133,8 @@ def kd_loss_terms(
         terms = kd_loss_terms_reference
     return terms(student_logits, teacher_logits, labels,
                  teacher_topk_values=teacher_topk_values,
-                 teacher_topk_indices=teacher_topk_indices, temperature=temperature,
+                 teacher_topk_indices=teacher_topk_indices,
+                 teacher_topk_tail=teacher_topk_tail, temperature=temperature,
                  alpha=alpha, ignore_index=ignore_index, soft_only_index=soft_only_index,
                  reduction=reduction)
 

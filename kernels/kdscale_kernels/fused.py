@@ -15,6 +15,15 @@ values over the live slots and KL sums over the slots, so P = sum of p_t over th
 (1, or 0 for a row of padding only) and p_t[j] is the mass of the slot holding index j. The
 student's log-sum-exps still cover the whole row.
 
+Top-k with a tail slot (tail = the teacher's mass off its k slots; q_tail = 1 - sum over the
+slots of q_T, floored as in ``reference.py``): the slots hold p_t = (1 - tail) * softmax of the
+values, KL gains tail * (log tail - log q_tail), and with r = tail / q_tail::
+
+    d/dz_s[j] of alpha * T^2 * KL = alpha * T * (q_T[j] * (P + tail) - p_t[j] - r * q_T[j]),
+                                    the last term only where j is not a slot
+
+Pass 2 writes the r term at every column; the scatter takes it back at the slots.
+
 A row labelled ``soft_only_index`` (a copy labelled by the teacher alone) has the soft term and
 not the hard one. Training takes one launch for the loss and both terms: the kernel writes each
 row's soft term (T^2 * KL) and hard term (CE) beside the loss, for logging.
@@ -52,6 +61,7 @@ from .reference import KDTerms, _check_args
 # taking two blocks.
 BLOCK_V_MAX = 1024
 BLOCK_K_MAX = 128  # top-k slots per block
+TAIL_FLOOR = tl.constexpr(1e-6)  # the least student tail mass (reference.TAIL_FLOOR)
 NUM_WARPS = 4
 
 
@@ -92,6 +102,7 @@ def _kd_loss_kernel(
     s_ptr,  # [N, V] student logits, unit column stride
     t_ptr,  # [N, V] dense teacher logits, or [N, K] top-k teacher values
     i_ptr,  # [N, K] top-k teacher indices, -1 at padding (TOPK only)
+    tail_ptr,  # [N] the teacher's mass outside the k slots, at T (HAS_TAIL only)
     y_ptr,  # [N] labels (HAS_LABELS only)
     loss_ptr,  # [N] fp32 per-row loss (out)
     g_ptr,  # [N, V] gradient of each row's loss w.r.t. its logits (out; may be s_ptr)
@@ -101,6 +112,7 @@ def _kd_loss_kernel(
     inv_t, kl_weight, ce_weight,  # 1 / T, alpha * T^2, 1 - alpha
     ignore_index, soft_only_index,  # labels of rows out of the loss / out of the hard term
     TOPK: tl.constexpr,  # teacher given as top-k slots, else dense
+    HAS_TAIL: tl.constexpr,  # top-k with a tail slot: the teacher's remaining mass
     HAS_LABELS: tl.constexpr,  # rows whose label is ignore_index are skipped
     HAS_KL: tl.constexpr,  # alpha > 0, or the terms are wanted
     HAS_CE: tl.constexpr,  # alpha < 1 with labels, or the terms are wanted with labels
@@ -147,6 +159,13 @@ def _kd_loss_kernel(
         ce = tl.where(labelled, m_s + tl.log(d_s1) - tl.where(y_in, z_y, float("nan")), 0.0)
 
     kl = tl.zeros((ROWS,), tl.float32)
+    tail = tl.zeros((ROWS,), tl.float32)
+    log_kept = tl.zeros((ROWS,), tl.float32)  # log of the slots' share, 1 - tail
+    if HAS_TAIL:
+        tail = tl.load(tail_ptr + rows, mask=valid, other=0.0).to(tl.float32)
+        tail = tl.minimum(tl.maximum(tail, 0.0), 1.0)
+        log_kept = tl.log(1.0 - tail)
+    q_slots = tl.zeros((ROWS,), tl.float32)  # the student's mass at the teacher's indices
     if HAS_KL and TOPK:  # slots: the teacher's stats over the k slots, then KL over them
         for k0 in range(0, K, BLOCK_K):
             vals, idx, live = _load_slots(t_ptr, i_ptr, rows, valid, k0, K, t_stride, i_stride,
@@ -155,14 +174,26 @@ def _kd_loss_kernel(
         for k0 in range(0, K, BLOCK_K):
             vals, idx, live = _load_slots(t_ptr, i_ptr, rows, valid, k0, K, t_stride, i_stride,
                                           BLOCK_K)
-            log_p = _log_softmax(vals, m_t, d_t, inv_t)
+            log_p = _log_softmax(vals, m_t, d_t, inv_t) + log_kept[:, None]
             p = tl.where(live, tl.exp(log_p), 0.0)
             gather = live & (idx < V)
             z_s = tl.load(s_row + tl.where(gather, idx, 0), mask=gather).to(tl.float32)
             z_s = tl.where(live & (idx >= V), float("nan"), z_s)  # index out of range: NaN
             log_q_t = _log_softmax(z_s, m_s, d_st, inv_t)
             kl += tl.sum(tl.where(p > 0, p * (log_p - log_q_t), 0.0), axis=1)
-    p_mass = tl.where(d_t > 0, 1.0, 0.0)  # P: 0 for a top-k row of padding only
+            q_slots += tl.sum(tl.where(live, tl.exp(log_q_t), 0.0), axis=1)
+    # P = sum of p_t over the slots: 1 - tail, or 0 for a top-k row of padding only.
+    p_mass = tl.where(d_t > 0, 1.0, 0.0) * (1.0 - tail)
+    tail_ratio = tl.zeros((ROWS,), tl.float32)  # tail / q_tail: spreads the tail over q
+    if HAS_TAIL:  # the tail slot: KL of the teacher's remaining mass against the student's
+        q_tail = 1.0 - q_slots
+        floored = q_tail < TAIL_FLOOR  # below it, fp32 cannot resolve 1 - q_slots
+        q_tail = tl.maximum(q_tail, TAIL_FLOOR)
+        kl += tl.where(tail > 0, tail * (tl.log(tail) - tl.log(q_tail)), 0.0)
+        # d/dz_s[j] of tail * -log q_tail = (tail * q_T[j] - tail_ratio * q_T[j] [j not a
+        # slot]) / T; a floored q_tail is a constant, with no gradient.
+        p_mass += tl.where(floored, 0.0, tail)
+        tail_ratio = tl.where(floored, 0.0, tail / q_tail)
 
     # In place (g_ptr == s_ptr), no store below may overtake another thread's load above.
     tl.debug_barrier()
@@ -176,7 +207,7 @@ def _kd_loss_kernel(
             grad = tl.zeros((ROWS, BLOCK_V), tl.float32)
             if HAS_KL:
                 log_q_t = _log_softmax(z_s, m_s, d_st, inv_t)
-                grad += (kl_weight * inv_t) * tl.exp(log_q_t) * p_mass[:, None]
+                grad += (kl_weight * inv_t) * tl.exp(log_q_t) * (p_mass - tail_ratio)[:, None]
                 if not TOPK:
                     z_t = tl.load(t_row + cols[None, :], mask=live,
                                   other=float("-inf")).to(tl.float32)
@@ -193,17 +224,24 @@ def _kd_loss_kernel(
                 tl.store(g_ptr + rows[:, None] * g_stride + cols[None, :], g_out,
                          mask=row_in[:, None] & (cols < V)[None, :])
 
-    # 3. scatter: the top-k teacher's -alpha * T * p_t at its indices (distinct in a row).
+    # 3. scatter: the top-k teacher's -alpha * T * p_t at its indices (distinct in a row), and
+    # the tail's term taken back there (pass 2 wrote it at every column).
     if WRITE_GRAD and HAS_KL and TOPK:
         tl.debug_barrier()  # the gradient stores above precede these loads of other threads
         for k0 in range(0, K, BLOCK_K):
             vals, idx, live = _load_slots(t_ptr, i_ptr, rows, valid, k0, K, t_stride, i_stride,
                                           BLOCK_K)
-            p = tl.where(live, tl.exp(_log_softmax(vals, m_t, d_t, inv_t)), 0.0)
-            g_at = g_ptr + rows[:, None] * g_stride + tl.where(live & (idx < V), idx, 0)
-            g = tl.load(g_at, mask=live & (idx < V)).to(tl.float32)
+            log_p = _log_softmax(vals, m_t, d_t, inv_t) + log_kept[:, None]
+            p = tl.where(live, tl.exp(log_p), 0.0)
+            at = live & (idx < V)
+            g_at = g_ptr + rows[:, None] * g_stride + tl.where(at, idx, 0)
+            g = tl.load(g_at, mask=at).to(tl.float32)
             g -= (kl_weight * inv_t) * p
-            tl.store(g_at, g.to(g_ptr.dtype.element_ty), mask=live & (idx < V))
+            if HAS_TAIL:
+                z_s = tl.load(s_row + tl.where(at, idx, 0), mask=at).to(tl.float32)
+                q_t = tl.exp(_log_softmax(z_s, m_s, d_st, inv_t))
+                g += (kl_weight * inv_t) * tail_ratio[:, None] * q_t
+            tl.store(g_at, g.to(g_ptr.dtype.element_ty), mask=at)
 
     # A term of weight 0 stays out of the loss, so its inf or NaN cannot make the loss NaN.
     loss = tl.where(ce_weight > 0, ce_weight * ce, 0.0)
@@ -215,9 +253,10 @@ def _kd_loss_kernel(
         tl.store(terms_ptr + n_rows + rows, ce, mask=row_in)
 
 
-def _launch(student, teacher, labels, values, indices, consts, grad, terms):
+def _launch(student, teacher, labels, values, indices, tail, consts, grad, terms):
     """Runs the kernel on rows already flattened: student [N, V] with a unit column stride,
-    a dense teacher [N, V] or top-k values and indices [N, k], labels [N] or None; ``consts``
+    a dense teacher [N, V] or top-k values and indices [N, k] (and a tail [N] or None),
+    labels [N] or None; ``consts``
     is (temperature, alpha, ignore_index, soft_only_index). Writes the gradient into ``grad``
     ([N, V], may be ``student`` itself) and the per-row terms into ``terms`` ([2, N] fp32),
     each unless it is None. Returns the per-row loss [N] in fp32."""
@@ -235,13 +274,14 @@ def _launch(student, teacher, labels, values, indices, consts, grad, terms):
     unused = student  # pointer for an input the switches leave unread
     has_labels, want_terms = labels is not None, terms is not None
     wrap_triton(_kd_loss_kernel)[(triton.cdiv(n_rows, rows),)](
-        student, t_in, indices if topk else unused, unused if labels is None else labels,
-        loss, unused if grad is None else grad, loss if terms is None else terms,
+        student, t_in, indices if topk else unused, unused if tail is None else tail,
+        unused if labels is None else labels, loss, unused if grad is None else grad,
+        loss if terms is None else terms,
         n_rows, vocab, k,
         student.stride(0), t_in.stride(0), indices.stride(0) if topk else 0,
         0 if grad is None else grad.stride(0),
         1.0 / temperature, alpha * temperature**2, 1.0 - alpha, ignore_index, soft_only_index,
-        TOPK=topk, HAS_LABELS=has_labels, HAS_KL=alpha > 0 or want_terms,
+        TOPK=topk, HAS_TAIL=tail is not None, HAS_LABELS=has_labels, HAS_KL=alpha > 0 or want_terms,
         HAS_CE=has_labels and (alpha < 1 or want_terms), WRITE_GRAD=grad is not None,
         WRITE_TERMS=want_terms, ROWS=rows, BLOCK_V=block_v, BLOCK_K=block_k,
         num_warps=NUM_WARPS,
@@ -252,8 +292,8 @@ def _launch(student, teacher, labels, values, indices, consts, grad, terms):
 @triton_op("kdscale::kd_loss_fwd", mutates_args=())
 def _kd_loss_fwd(student: torch.Tensor, teacher: torch.Tensor | None,
                  labels: torch.Tensor | None, values: torch.Tensor | None,
-                 indices: torch.Tensor | None, temperature: float, alpha: float,
-                 ignore_index: int, soft_only_index: int, write_grad: bool,
+                 indices: torch.Tensor | None, tail: torch.Tensor | None, temperature: float,
+                 alpha: float, ignore_index: int, soft_only_index: int, write_grad: bool,
                  write_terms: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row loss [N], the gradient of each row's loss [N, V] (empty unless write_grad) and
     the per-row soft and hard terms [2, N] (empty unless write_terms)."""
@@ -262,7 +302,7 @@ def _kd_loss_fwd(student: torch.Tensor, teacher: torch.Tensor | None,
     terms = torch.empty((2, student.shape[0]) if write_terms else (0,), dtype=torch.float32,
                         device=student.device)
     consts = (temperature, alpha, ignore_index, soft_only_index)
-    loss = _launch(student, teacher, labels, values, indices, consts,
+    loss = _launch(student, teacher, labels, values, indices, tail, consts,
                    grad if write_grad else None, terms if write_terms else None)
     return loss, grad, terms
 
@@ -270,7 +310,8 @@ def _kd_loss_fwd(student: torch.Tensor, teacher: torch.Tensor | None,
 @triton_op("kdscale::kd_loss_fwd_inplace", mutates_args={"student"})
 def _kd_loss_fwd_inplace(student: torch.Tensor, teacher: torch.Tensor | None,
                          labels: torch.Tensor | None, values: torch.Tensor | None,
-                         indices: torch.Tensor | None, temperature: float, alpha: float,
+                         indices: torch.Tensor | None, tail: torch.Tensor | None,
+                         temperature: float, alpha: float,
                          ignore_index: int, soft_only_index: int,
                          write_terms: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row loss [N] and terms [2, N] (empty unless write_terms); the gradient of each
@@ -278,7 +319,7 @@ def _kd_loss_fwd_inplace(student: torch.Tensor, teacher: torch.Tensor | None,
     terms = torch.empty((2, student.shape[0]) if write_terms else (0,), dtype=torch.float32,
                         device=student.device)
     consts = (temperature, alpha, ignore_index, soft_only_index)
-    loss = _launch(student, teacher, labels, values, indices, consts, student,
+    loss = _launch(student, teacher, labels, values, indices, tail, consts, student,
                    terms if write_terms else None)
     return loss, terms
 
@@ -288,10 +329,10 @@ class _KDLoss(torch.autograd.Function):
     backward: the saved gradient times grad_output."""
 
     @staticmethod
-    def forward(ctx, student, teacher, labels, values, indices, temperature, alpha,
+    def forward(ctx, student, teacher, labels, values, indices, tail, temperature, alpha,
                 ignore_index, soft_only_index, reduction, inplace, want_terms):
-        args = (student, teacher, labels, values, indices, temperature, alpha, ignore_index,
-                soft_only_index)
+        args = (student, teacher, labels, values, indices, tail, temperature, alpha,
+                ignore_index, soft_only_index)
         if inplace:
             grad = student
             row_loss, terms = torch.ops.kdscale.kd_loss_fwd_inplace(*args, want_terms)
@@ -317,7 +358,7 @@ class _KDLoss(torch.autograd.Function):
         out = grad if ctx.inplace else torch.empty_like(grad)
         # In place only where the caller gave up the logits (and with them a second backward).
         torch.mul(grad, scale, out=out)
-        return out, *(None,) * 11
+        return out, *(None,) * 12
 
 
 def _valid_count(labels, ignore_index, student):
@@ -333,8 +374,8 @@ def _reduce(row_values, count, reduction):
     return row_values.sum() / count if reduction == "mean" else row_values.sum()
 
 
-def _flatten(student, teacher, labels, values, indices):
-    """Rows of (N, V) with a unit column stride, labels (N,), top-k slots (N, k)."""
+def _flatten(student, teacher, labels, values, indices, tail):
+    """Rows of (N, V) with a unit column stride, labels (N,), top-k slots (N, k), tail (N,)."""
     vocab = student.shape[-1]
     rows = lambda x: x.reshape(-1, x.shape[-1])  # noqa: E731  (..., X) -> (N, X)
     unit_cols = lambda x: x if x.stride(-1) == 1 else x.contiguous()  # noqa: E731
@@ -345,12 +386,14 @@ def _flatten(student, teacher, labels, values, indices):
         labels = labels.reshape(-1).to(student.device).contiguous()
     if values is not None:
         values, indices = rows(values.detach()).contiguous(), rows(indices).contiguous()
-    return student, teacher, labels, values, indices
+    if tail is not None:
+        tail = tail.detach().reshape(-1).contiguous()
+    return student, teacher, labels, values, indices, tail
 
 
-def _check_devices(student, teacher, values, indices):
+def _check_devices(student, teacher, values, indices, tail):
     for name, x in [("teacher_logits", teacher), ("teacher_topk_values", values),
-                    ("teacher_topk_indices", indices)]:
+                    ("teacher_topk_indices", indices), ("teacher_topk_tail", tail)]:
         if x is not None and x.device != student.device:
             raise ValueError(f"{name} is on {x.device}, student_logits on {student.device}")
     if student.device.type != "cuda" and isinstance(_kd_loss_kernel, triton.runtime.JITFunction):
@@ -359,42 +402,51 @@ def _check_devices(student, teacher, values, indices):
 
 
 def kd_loss_triton(student_logits, teacher_logits=None, labels=None, *,
-                   teacher_topk_values=None, teacher_topk_indices=None, temperature=1.0,
-                   alpha=0.5, ignore_index=-100, reduction="mean", inplace_grad=False):
+                   teacher_topk_values=None, teacher_topk_indices=None, teacher_topk_tail=None,
+                   temperature=1.0, alpha=0.5, ignore_index=-100, reduction="mean",
+                   inplace_grad=False):
     """``kd_loss`` through the Triton kernel; arguments and result as in ``reference.py``.
 
     ``inplace_grad=True`` writes the gradient over ``student_logits`` in the forward pass
     (saving one (..., V) buffer): pass a model's output that nothing else needs afterwards;
     the graph then allows a single backward. Top-k indices must be distinct within a row
     (as ``torch.topk`` gives); a label or index outside [0, V) gives a NaN row, not an error.
+    A tail slot (``teacher_topk_tail``) rules out ``inplace_grad``: its gradient reads the
+    logits at the slots after the sweep that overwrites them.
     """
-    return _fused(student_logits, teacher_logits, labels, teacher_topk_values,
-                  teacher_topk_indices, (temperature, alpha, ignore_index, None), reduction,
-                  inplace_grad, want_terms=False).loss
+    teacher = (teacher_topk_values, teacher_topk_indices, teacher_topk_tail)
+    return _fused(student_logits, teacher_logits, labels, teacher,
+                  (temperature, alpha, ignore_index, None), reduction, inplace_grad,
+                  want_terms=False).loss
 
 
 def kd_loss_terms_triton(student_logits, teacher_logits=None, labels=None, *,
-                         teacher_topk_values=None, teacher_topk_indices=None, temperature=1.0,
-                         alpha=0.5, ignore_index=-100, soft_only_index=None, reduction="mean",
-                         inplace_grad=False):
+                         teacher_topk_values=None, teacher_topk_indices=None,
+                         teacher_topk_tail=None, temperature=1.0, alpha=0.5, ignore_index=-100,
+                         soft_only_index=None, reduction="mean", inplace_grad=False):
     """``kd_loss_terms`` through the Triton kernel: the loss, its gradient and both terms in
     one launch; arguments as in ``kd_loss_triton`` and ``reference.kd_loss_terms_reference``."""
-    return _fused(student_logits, teacher_logits, labels, teacher_topk_values,
-                  teacher_topk_indices, (temperature, alpha, ignore_index, soft_only_index),
-                  reduction, inplace_grad, want_terms=True)
+    teacher = (teacher_topk_values, teacher_topk_indices, teacher_topk_tail)
+    return _fused(student_logits, teacher_logits, labels, teacher,
+                  (temperature, alpha, ignore_index, soft_only_index), reduction, inplace_grad,
+                  want_terms=True)
 
 
-def _fused(student_logits, teacher_logits, labels, values, indices, options, reduction,
-           inplace_grad, want_terms):
+def _fused(student_logits, teacher_logits, labels, topk, options, reduction, inplace_grad,
+           want_terms):
     temperature, alpha, ignore_index, soft_only_index = options
+    values, indices, tail = topk
     _check_args(student_logits, teacher_logits, labels, values, indices, temperature, alpha,
-                reduction)
-    _check_devices(student_logits, teacher_logits, values, indices)
+                reduction, tail)
+    _check_devices(student_logits, teacher_logits, values, indices, tail)
     if inplace_grad and student_logits.is_leaf and student_logits.requires_grad:
         raise ValueError("inplace_grad writes the gradient over student_logits, which is a leaf: "
                          "its .grad would be the tensor itself; pass a model's output instead")
+    if inplace_grad and tail is not None:
+        raise ValueError("inplace_grad cannot be used with teacher_topk_tail: the tail's "
+                         "gradient reads the logits after they are overwritten")
     lead_shape = student_logits.shape[:-1]
-    args = _flatten(student_logits, teacher_logits, labels, values, indices)
+    args = _flatten(student_logits, teacher_logits, labels, values, indices, tail)
     # Without a soft-only label, the ignored label stands in: it marks no valid row.
     soft_only = ignore_index if soft_only_index is None else soft_only_index
     consts = (float(temperature), float(alpha), int(ignore_index), int(soft_only))

@@ -23,6 +23,17 @@ Top-k teacher (``values[N, k]``, ``indices[N, k]``, padding slots have index -1)
 ``softmax(values / T)`` over the non-padding slots, log q_T is gathered at ``indices``, and
 KL_r sums over the k slots. A row whose slots are all padding has KL_r = 0.
 
+Top-k with a tail slot (``tail[N]``: the teacher's probability mass outside its k slots at
+T, from the full distribution when the cache was written): the slots keep 1 - tail of the
+mass, ``p_t = (1 - tail) * softmax(values / T)``, and one more slot holds the rest against
+the student's mass outside the same indices, ``q_tail = 1 - sum_slots q_T``::
+
+    KL_r = sum_slots p_t (log p_t - log q_T)  +  tail * (log tail - log q_tail)
+
+q_tail is floored at TAIL_FLOOR (below it fp32 cannot resolve 1 - sum_slots q_T), and a
+floored q_tail is a constant: it has no gradient. With the tail, the slots and the tail
+together hold the teacher's whole distribution, so the soft term has no truncation bias.
+
 Everything is computed in fp32 whatever the input dtype, and the loss is fp32. The teacher is
 detached: the gradient flows to the student logits only.
 """
@@ -34,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 _REDUCTIONS = ("mean", "sum", "none")
+TAIL_FLOOR = 1e-6  # the least student tail mass; fused.TAIL_FLOOR is the same
 
 
 class KDTerms(NamedTuple):
@@ -51,6 +63,7 @@ def kd_loss_reference(
     *,
     teacher_topk_values=None,
     teacher_topk_indices=None,
+    teacher_topk_tail=None,
     temperature=1.0,
     alpha=0.5,
     ignore_index=-100,
@@ -65,6 +78,8 @@ def kd_loss_reference(
         teacher_logits: (..., V) teacher logits (a dense teacher). Give this, or both of
         teacher_topk_values: (..., k) the teacher's k largest logits per row, and
         teacher_topk_indices: (..., k) their vocabulary indices; -1 marks an empty slot.
+        teacher_topk_tail: optional (...) with top-k: the teacher's mass outside the k
+            slots at this temperature, the tail slot (see the module docstring).
         labels: (...) class ids for the hard term; rows labelled `ignore_index` are left
             out. None: every row counts, the hard term is off and `alpha` must be 1.
         temperature: T > 0, applied to both distributions of the soft term.
@@ -84,8 +99,9 @@ def kd_loss_reference(
             (alpha must be 1 without labels).
     """
     options = (temperature, alpha, ignore_index, None)
-    return _terms(student_logits, teacher_logits, labels, teacher_topk_values,
-                  teacher_topk_indices, options, reduction, want_terms=False).loss
+    topk = (teacher_topk_values, teacher_topk_indices, teacher_topk_tail)
+    return _terms(student_logits, teacher_logits, labels, topk, options, reduction,
+                  want_terms=False).loss
 
 
 def kd_loss_terms_reference(
@@ -95,6 +111,7 @@ def kd_loss_terms_reference(
     *,
     teacher_topk_values=None,
     teacher_topk_indices=None,
+    teacher_topk_tail=None,
     temperature=1.0,
     alpha=0.5,
     ignore_index=-100,
@@ -117,15 +134,15 @@ def kd_loss_terms_reference(
         ValueError: as ``kd_loss_reference``.
     """
     options = (temperature, alpha, ignore_index, soft_only_index)
-    return _terms(student_logits, teacher_logits, labels, teacher_topk_values,
-                  teacher_topk_indices, options, reduction, want_terms=True)
+    topk = (teacher_topk_values, teacher_topk_indices, teacher_topk_tail)
+    return _terms(student_logits, teacher_logits, labels, topk, options, reduction,
+                  want_terms=True)
 
 
-def _terms(student_logits, teacher_logits, labels, values, indices, options, reduction,
-           want_terms):
+def _terms(student_logits, teacher_logits, labels, topk, options, reduction, want_terms):
     temperature, alpha, ignore_index, soft_only_index = options
-    _check_args(student_logits, teacher_logits, labels, values, indices, temperature, alpha,
-                reduction)
+    _check_args(student_logits, teacher_logits, labels, *topk[:2], temperature, alpha,
+                reduction, topk[2])
     lead_shape, vocab = student_logits.shape[:-1], student_logits.shape[-1]
     z_s = student_logits.reshape(-1, vocab).float()  # (N, V)
     valid = _valid_rows(z_s, labels, ignore_index)  # (N,) bool
@@ -135,8 +152,7 @@ def _terms(student_logits, teacher_logits, labels, values, indices, options, red
     soft = hard = z_s.new_zeros(z_s.shape[0])  # (N,)
     if alpha > 0 or want_terms:
         with torch.set_grad_enabled(alpha > 0 and torch.is_grad_enabled()):
-            soft = temperature**2 * _kl_rows(z_s, teacher_logits, values, indices, valid,
-                                             temperature)
+            soft = temperature**2 * _kl_rows(z_s, teacher_logits, topk, valid, temperature)
     if labels is not None and (alpha < 1 or want_terms):
         labelled = valid if soft_only_index is None else \
             valid & (labels.reshape(-1).to(z_s.device) != soft_only_index)
@@ -160,17 +176,32 @@ def _valid_rows(z_s, labels, ignore_index):
     return labels.reshape(-1).to(z_s.device) != ignore_index
 
 
-def _kl_rows(z_s, teacher_logits, topk_values, topk_indices, valid, temperature):
-    """KL_r = sum p_t * (log p_t - log q_T) over the vocabulary or the top-k slots; (N,)."""
+def _kl_rows(z_s, teacher_logits, topk, valid, temperature):
+    """KL_r = sum p_t * (log p_t - log q_T) over the vocabulary or the top-k slots (and the
+    tail slot); (N,)."""
     log_q_t = F.log_softmax(z_s / temperature, dim=-1)  # (N, V)
     if teacher_logits is not None:
         log_p_t, p_t = _dense_teacher(teacher_logits, valid, temperature, z_s.shape)
     else:
-        log_p_t, p_t, slots = _topk_teacher(topk_values, topk_indices, valid, temperature)
-        log_q_t = log_q_t.gather(1, slots)  # (N, k)
+        values, indices, tail = topk
+        log_p_t, p_t, slots = _topk_teacher(values, indices, valid, temperature, tail)
+        log_q_all, log_q_t = log_q_t, log_q_t.gather(1, slots)  # (N, k)
     # 0 * log 0 = 0; where() also keeps the gradient of slots with p_t = 0 at exactly 0.
     terms = torch.where(p_t > 0, p_t * (log_p_t - log_q_t), 0.0)
-    return terms.sum(dim=-1)
+    kl = terms.sum(dim=-1)
+    if teacher_logits is None and tail is not None:
+        kl = kl + _tail_kl(tail, valid, log_q_t, slots, indices, log_q_all)
+    return kl
+
+
+def _tail_kl(tail, valid, log_q_slots, slots, indices, log_q_all):
+    """tail * (log tail - log q_tail), q_tail the student's mass off the teacher's slots;
+    (N,)."""
+    live = indices.reshape(slots.shape) >= 0
+    q_tail = 1 - torch.where(live, log_q_slots.exp(), 0.0).sum(dim=-1)
+    q_tail = q_tail.clamp(min=TAIL_FLOOR)  # a floored value has no gradient, as in fused.py
+    tail = torch.where(valid, tail.detach().reshape(-1).float().clamp(0, 1), 0.0)
+    return torch.where(tail > 0, tail * (tail.clamp(min=1e-38).log() - q_tail.log()), 0.0)
 
 
 def _dense_teacher(teacher_logits, valid, temperature, shape):
@@ -181,8 +212,9 @@ def _dense_teacher(teacher_logits, valid, temperature, shape):
     return log_p_t, log_p_t.exp()
 
 
-def _topk_teacher(values, indices, valid, temperature):
-    """log p_t and p_t over the k slots (0 at padding), and the slots to gather; (N, k) each."""
+def _topk_teacher(values, indices, valid, temperature, tail=None):
+    """log p_t and p_t over the k slots (0 at padding), and the slots to gather; (N, k) each.
+    With a tail, the slots hold 1 - tail of the mass."""
     k = values.shape[-1]
     indices = indices.reshape(-1, k).long()  # (N, k)
     pad = indices < 0
@@ -190,6 +222,9 @@ def _topk_teacher(values, indices, valid, temperature):
     z_t = torch.where(valid[:, None], z_t, 0.0)
     z_t = torch.where(pad, float("-inf"), z_t)
     log_p_t = F.log_softmax(z_t / temperature, dim=-1)  # (N, k), NaN on all-padding rows
+    if tail is not None:
+        kept = 1 - tail.detach().reshape(-1, 1).float().clamp(0, 1)  # (N, 1)
+        log_p_t = log_p_t + kept.log()
     p_t = torch.where(pad, 0.0, log_p_t.exp())
     log_p_t = torch.where(pad, 0.0, log_p_t)
     return log_p_t, p_t, indices.clamp(min=0)
@@ -212,7 +247,7 @@ def _reduce(row_loss, valid, lead_shape, reduction):
 
 
 def _check_args(student, teacher, labels, topk_values, topk_indices, temperature, alpha,
-                reduction):
+                reduction, tail=None):
     if (teacher is None) == (topk_values is None and topk_indices is None):
         raise ValueError("give exactly one teacher: teacher_logits, or "
                          "teacher_topk_values with teacher_topk_indices")
@@ -224,6 +259,8 @@ def _check_args(student, teacher, labels, topk_values, topk_indices, temperature
                          f"student_logits shape {tuple(student.shape)}")
     if teacher is None:
         _check_topk(topk_values, topk_indices, lead_shape)
+    if tail is not None:
+        _check_tail(tail, teacher, lead_shape)
     if labels is not None:
         _check_labels(labels, lead_shape)
     if not temperature > 0:
@@ -262,3 +299,15 @@ def _check_topk(values, indices, lead_shape):
                          f"or ({math.prod(lead_shape)}, k)")
     if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
         raise ValueError(f"teacher_topk_indices must be an integer tensor, got {indices.dtype}")
+
+
+def _check_tail(tail, teacher, lead_shape):
+    if teacher is not None:
+        raise ValueError("teacher_topk_tail goes with a top-k teacher, not with teacher_logits")
+    if not _rows_match(tail.shape, lead_shape):
+        raise ValueError(f"teacher_topk_tail shape {tuple(tail.shape)} does not match the rows "
+                         f"of student_logits: expected {lead_shape} or "
+                         f"({math.prod(lead_shape)},)")
+    if not tail.is_floating_point():
+        raise ValueError(f"teacher_topk_tail must be a floating tensor (a probability mass), "
+                         f"got {tail.dtype}")

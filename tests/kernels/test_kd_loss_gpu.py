@@ -156,3 +156,12 @@ def test_the_training_call_matches_the_reference_terms(dtype):
     for name in ("loss", "soft", "hard"):
         torch.testing.assert_close(getattr(got, name), getattr(want, name), **LOSS_TOL)
     torch.testing.assert_close(grad, grad_want.to(dtype), **GRAD_TOL[dtype])
+
+
+def test_a_top_k_teacher_with_a_tail_slot_in_bf16():
+    s, t, y = _inputs(256, 30522, torch.bfloat16)
+    values, indices = t.topk(64, dim=-1)
+    probs = torch.softmax(t.float() / 2.0, dim=-1)
+    tail = 1 - probs.gather(1, indices).sum(dim=-1)
+    _compare(s, teacher_topk_values=values, teacher_topk_indices=indices,
+             teacher_topk_tail=tail, labels=y, temperature=2.0, reduction="none")
