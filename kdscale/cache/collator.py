@@ -44,6 +44,8 @@ class TeacherLogitsCollator:
         topk = self.cache.get_topk(ids)
         finite(topk.values.masked_fill(topk.indices < 0, 0), ids, self.cache)  # pads may be -inf
         batch["teacher_topk_values"], batch["teacher_topk_indices"] = topk.values, topk.indices
+        if topk.tail is not None:
+            batch["teacher_topk_tail"] = finite(topk.tail, ids, self.cache)
         if topk.positions is not None:
             batch["teacher_topk_positions"] = topk.positions
             batch["teacher_topk_counts"] = topk.counts

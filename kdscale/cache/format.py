@@ -17,6 +17,9 @@ Each shard is a plain safetensors file holding `rows` rows, keyed by stable exam
             examples int64 [E]         every example of the shard, in row order, and
             counts int32 [E]           its number of rows (0: no masked position)
             An example's rows are contiguous and in one shard; example_ids repeats its id.
+    topk with a tail slot (manifest tail_temperature T), as topk plus:
+            tail float32 [rows]        the teacher's probability mass outside the row's k
+                                       slots at temperature T, from the full distribution
 
 While a cache is being written, a shard is finished once its sidecar `shard-00000.json`
 ({"file", "index", "rows", "examples", "sha256", "bytes", "plan_id"}) is written after it: a
@@ -24,9 +27,11 @@ resumed run trusts the sidecar, never a bare shard. `finalize_cache` copies the 
 manifest and removes them. The plan id names the data, teacher, settings and shard assignment,
 so a rerun never mixes its shards with another plan's (see `kdscale.cache.sidecar`).
 
-Raw logits are stored; the temperature is chosen at distill time. The manifest records what the
-logits were computed from (teacher, tokenizer, data fingerprint, masking recipe), so that a reader
-can refuse a cache that does not match, and every shard's name, rows, examples, size and sha256.
+Raw logits are stored; the temperature is chosen at distill time, except for a tail, which is
+a mass at one temperature: a cache with a tail serves that temperature only. The manifest
+records what the logits were computed from (teacher, tokenizer, data fingerprint, masking
+recipe), so that a reader can refuse a cache that does not match, and every shard's name,
+rows, examples, size and sha256.
 
 Every file is written under a temporary name in the same directory, fsynced, then renamed over
 its final name, so a crash never leaves a half-written file under a final name (see
@@ -91,7 +96,8 @@ def shard_index(name: str, pattern: re.Pattern = SHARD_RE) -> int | None:
     return int(m[1])
 
 
-OPTIONAL_FIELDS = {"max_length"}  # added within format version 1: older manifests lack them
+# added within format version 1: older manifests lack them
+OPTIONAL_FIELDS = {"max_length", "tail_temperature"}
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -112,6 +118,9 @@ class CacheManifest:
     # data.max_length of the fingerprint, so that a reader holding the tokenized rows (the
     # Trainer path) can recompute it; absent from caches written before it was recorded.
     max_length: int | None = None
+    # topk: the temperature of each row's tail (the teacher's mass off its k slots); None:
+    # no tail stored.
+    tail_temperature: float | None = None
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -159,6 +168,11 @@ def is_int(x: Any, minimum: int) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= minimum
 
 
+def is_positive(x: Any) -> bool:
+    """A finite number > 0 (not a bool)."""
+    return isinstance(x, int | float) and not isinstance(x, bool) and 0 < x < float("inf")
+
+
 def check_settings(kind: str, num_outputs: int, k: int | None, dtype: str,
                    where: str = "manifest field") -> None:
     """The settings a shard and a manifest share; shared so both fail with the same words."""
@@ -186,6 +200,9 @@ def _validate(m: CacheManifest) -> None:
     _check(isinstance(m.kdscale_version, str), "kdscale_version", "a string", m.kdscale_version)
     _check(m.max_length is None or is_int(m.max_length, 1), "max_length",
            "an integer >= 1 or null", m.max_length)
+    _check(m.tail_temperature is None or (m.kind == "topk" and is_positive(m.tail_temperature)),
+           "tail_temperature", "null, or a temperature > 0 for a topk cache",
+           m.tail_temperature)
     _check(isinstance(m.shards, list), "shards", "a list", m.shards)
     for i, shard in enumerate(m.shards):
         _validate_shard(f"shards[{i}]", i, shard, m.kind)

@@ -35,6 +35,8 @@ from kdscale.cache.verify import verify_cache
 _NP_DTYPES = {"F16": np.float16, "F32": np.float32, "BF16": np.uint16, "I32": np.int32,
               "I64": np.int64}
 _REBUILD = "rebuild the cache with `kdscale cache`"
+# Tensors stored in their own dtype; the teacher's values are stored in the manifest's.
+_TENSOR_DTYPES = {"indices": np.int32, "positions": np.int32, "tail": np.float32}
 MAX_OPEN_MAPS = 256
 UNCHECKED = object()  # check_compatible: a field the caller does not check
 
@@ -83,6 +85,8 @@ def _layout(m: CacheManifest, shard: dict[str, Any],
     if per_position:
         layout |= {"positions": ("I32", [rows]), "examples": ("I64", [shard["examples"]]),
                    "counts": ("I32", [shard["examples"]])}
+    if m.tail_temperature is not None:
+        layout["tail"] = ("F32", [rows])
     return layout
 
 
@@ -133,6 +137,9 @@ class TopK:
     indices: torch.Tensor  # [R, k] int64 (what torch.gather takes); -1 marks a padding slot
     positions: torch.Tensor | None  # [R] int64 token position of each row; None: one row each
     counts: torch.Tensor  # [n] int64 rows of each requested id (all 1 without positions)
+    # [R] float32: the teacher's mass off each row's slots, at the manifest's
+    # tail_temperature; None for a cache without a tail slot.
+    tail: torch.Tensor | None = None
 
 
 class LogitCache:
@@ -228,8 +235,7 @@ class LogitCache:
         """Global rows [R] of one tensor -> [R, *width], reading only those rows' pages."""
         shard = np.searchsorted(self._starts, rows, side="right") - 1
         local = rows - self._starts[shard]
-        dtype = np.dtype(np.int32 if name in ("indices", "positions") else
-                         _NP_DTYPES[DTYPES[self._manifest.dtype][1]])
+        dtype = np.dtype(_TENSOR_DTYPES.get(name) or _NP_DTYPES[DTYPES[self._manifest.dtype][1]])
         out = np.empty((len(rows), *width), dtype=dtype)
         for s in np.unique(shard):
             sel = np.flatnonzero(shard == s)
@@ -237,6 +243,8 @@ class LogitCache:
         t = torch.from_numpy(out)
         if dtype == np.int32:
             return t.long()  # torch.gather and indexing take int64
+        if name == "tail":
+            return t  # float32, whatever the values' dtype
         return t.view(torch.bfloat16) if self._manifest.dtype == "bfloat16" else t
 
     def get(self, example_ids: Any) -> torch.Tensor:
@@ -282,9 +290,10 @@ class LogitCache:
             within = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
             rows = np.repeat(self._first[pos], counts) + within
         positions = self._gather("positions", rows, ()) if self.per_position else None
+        tail = self._gather("tail", rows, ()) if self._manifest.tail_temperature else None
         return TopK(values=self._gather("values", rows, (k,)),
                     indices=self._gather("indices", rows, (k,)), positions=positions,
-                    counts=torch.from_numpy(counts))
+                    counts=torch.from_numpy(counts), tail=tail)
 
     # -- checks --------------------------------------------------------------------------------
 
@@ -332,6 +341,21 @@ class LogitCache:
                 f"the logit cache at {self.directory} does not match the data and teacher it is "
                 "used with:\n" + "\n".join(diffs) + f"\n{_REBUILD} for this data and teacher"
             )
+
+    def check_temperature(self, temperature: float | dict) -> None:
+        """A cache with a tail slot stores masses at one temperature: refuse another, or a
+        schedule (a cache without a tail stores raw logits and serves any).
+
+        Raises:
+            CacheMismatchError: naming loss.temperature and the cache's tail temperature.
+        """
+        cached = self._manifest.tail_temperature
+        if cached is None or (not isinstance(temperature, dict) and temperature == cached):
+            return
+        raise CacheMismatchError(
+            f"the logit cache at {self.directory} holds tails at temperature {cached:g}, and "
+            f"loss.temperature is {temperature!r}: distill at {cached:g}, or rebuild the cache "
+            f"with `kdscale cache` at this temperature (or with --cache.tail false)")
 
     def __repr__(self) -> str:
         m = self._manifest

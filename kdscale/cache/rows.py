@@ -16,8 +16,8 @@ from kdscale.cache.format import DTYPES, CacheError, check_settings, few
 
 
 def shard_tensors(example_ids: Any, logits: Any, values: Any, indices: Any, positions: Any,
-                  empty_ids: Any, *, dtype: str, num_outputs: int,
-                  k: int | None) -> dict[str, torch.Tensor]:
+                  empty_ids: Any, *, dtype: str, num_outputs: int, k: int | None,
+                  tail: Any = None) -> dict[str, torch.Tensor]:
     """The tensors of a shard (layout in `kdscale.cache.format`), cast to the cache dtype;
     CacheError, before anything is written, for anything a reader or the loss could not use."""
     if (logits is None) == (values is None and indices is None):
@@ -33,6 +33,10 @@ def shard_tensors(example_ids: Any, logits: Any, values: Any, indices: Any, posi
         out = {"logits": _to_storage("logits", logits, ids, dtype)}
     else:
         out = _topk(ids, values, indices, dtype, num_outputs, k)
+    if tail is not None:
+        if kind == "dense":
+            raise CacheError("tail belongs to a topk shard: a dense row has no mass left out")
+        out["tail"] = _tail(tail, ids)
     if positions is None and empty_ids is None:
         _refuse_repeats(ids, "each example is cached once (drop padded duplicates by id)")
     else:
@@ -95,6 +99,23 @@ def _topk(ids: torch.Tensor, values: Any, indices: Any, dtype: str, num_outputs:
     # Padding slots may hold anything (often -inf); the loss masks them by index.
     stored = _to_storage("top-k values", values, ids, dtype, valid=indices >= 0)
     return {"values": stored, "indices": indices.to(torch.int32).contiguous()}
+
+
+def _tail(tail: Any, ids: torch.Tensor) -> torch.Tensor:
+    """The teacher's mass off each row's slots: fp32 [rows] in [0, 1] (rounding may put a
+    computed mass a hair outside; more than that is a bug of the writer)."""
+    t = torch.as_tensor(tail).detach().cpu()
+    if t.dim() != 1 or len(t) != len(ids) or not t.dtype.is_floating_point:
+        raise CacheError(f"tail: expected a floating-point tensor [rows={len(ids)}], got "
+                         f"{t.dtype} of shape {tuple(t.shape)}")
+    t = t.float()
+    _refuse_nonfinite("tail", t[:, None], ids, None, "is not finite",
+                      "the teacher produced NaN or inf (check its weights and inputs)")
+    outside = (t < -1e-4) | (t > 1 + 1e-4)
+    if outside.any():
+        raise CacheError(f"tail: {t[outside][0].item()} for example id "
+                         f"{ids[outside][0].item()} is not a probability mass in [0, 1]")
+    return t.clamp(0, 1).contiguous()
 
 
 def _per_position(ids: torch.Tensor, positions: Any, empty_ids: Any) -> dict[str, torch.Tensor]:

@@ -17,8 +17,8 @@ from kdscale.cache.format import MANIFEST_NAME, CacheError, CacheManifest, read_
 from kdscale.cache.sidecar import restore_sidecar
 from kdscale.files import sha256_file
 
-VALUE_TENSORS = ("logits", "values")  # what the teacher wrote; ids and positions are checked
-# when the cache is opened
+# What the teacher wrote; ids and positions are checked when the cache is opened.
+VALUE_TENSORS = ("logits", "values", "tail")
 # A float is NaN or infinite exactly when its exponent bits are all ones: checked on the raw
 # bits (one pass, no conversion), per safetensors dtype: (unsigned view, exponent mask).
 EXPONENT_BITS = {"F16": (np.uint16, 0x7C00), "BF16": (np.uint16, 0x7F80),

@@ -43,20 +43,21 @@ from kdscale.files import write_bytes_atomic, write_json_atomic
 def write_shard(
     directory: str | os.PathLike, index: int, *, example_ids: Any, logits: Any = None,
     values: Any = None, indices: Any = None, positions: Any = None, empty_ids: Any = None,
-    dtype: str, num_outputs: int, k: int | None = None, plan_id: str,
+    tail: Any = None, dtype: str, num_outputs: int, k: int | None = None, plan_id: str,
 ) -> dict[str, Any]:
     """Validates and writes shard `index` (atomically), then its sidecar; returns the sidecar.
 
     Dense: example_ids [R], logits [R, C]. Top-k: example_ids [R], values [R, k], indices [R, k]
     (-1: padding); with positions [R] one row per masked position, an example's rows contiguous,
-    and empty_ids [Z] the shard's examples that have no masked position.
+    and empty_ids [Z] the shard's examples that have no masked position; tail [R], the
+    teacher's mass off each row's slots, for a cache with a tail slot.
     """
     if not is_int(index, 0):
         raise CacheError(f"index: expected an integer >= 0, got {index!r}")
     if not (isinstance(plan_id, str) and plan_id):
         raise CacheError(f"plan_id: expected a non-empty string, got {plan_id!r}")
     tensors = shard_tensors(example_ids, logits, values, indices, positions, empty_ids,
-                            dtype=dtype, num_outputs=num_outputs, k=k)
+                            dtype=dtype, num_outputs=num_outputs, k=k, tail=tail)
     directory = Path(directory)
     if (directory / MANIFEST_NAME).is_file():
         raise CacheError(f"{directory} already holds a complete logit cache; {OVERWRITE}")
@@ -102,6 +103,7 @@ def finalize_cache(
     directory: str | os.PathLike, *, num_shards: int, plan_id: str, kind: str, num_outputs: int,
     k: int | None, dtype: str, teacher: dict[str, Any], tokenizer_sha256: str | None,
     data_fingerprint: str, masking: dict[str, Any] | None = None, max_length: int | None = None,
+    tail_temperature: float | None = None,
 ) -> CacheManifest:
     """Writes the manifest of shards 0..num_shards-1 (all finished), then removes the sidecars.
 
@@ -124,7 +126,7 @@ def finalize_cache(
         kind=kind, num_outputs=num_outputs, k=k, dtype=dtype, teacher=dict(teacher),
         num_examples=sum(s["examples"] for s in shards), num_rows=sum(s["rows"] for s in shards),
         tokenizer_sha256=tokenizer_sha256, data_fingerprint=data_fingerprint, masking=masking,
-        shards=shards, max_length=max_length)
+        shards=shards, max_length=max_length, tail_temperature=tail_temperature)
     # Headers match the settings and no id is in two shards: what the reader will check.
     open_shards(directory, manifest, remedy="the plan put it in two shards")
     try:
@@ -139,7 +141,8 @@ class CacheWriter:
     """Streams rows into a cache from one process: shards 0, 1, 2... then the manifest.
 
     Dense: `add(example_ids [n], logits [n, C])`. Top-k: `add(example_ids [R], values=[R, k],
-    indices=[R, k])`, plus `positions=[R]` (and `empty_ids`) for one row per masked position.
+    indices=[R, k])`, plus `positions=[R]` (and `empty_ids`) for one row per masked position,
+    and `tail=[R]` when the writer has a `tail_temperature`.
     Use as a context manager, or call `close()`, which writes the manifest and returns it.
     """
 
@@ -148,10 +151,12 @@ class CacheWriter:
         kind: str = "dense", k: int | None = None, shard_rows: int = 8192,
         teacher: dict[str, Any], tokenizer_sha256: str | None, data_fingerprint: str,
         masking: dict[str, Any] | None = None, overwrite: bool = False,
+        tail_temperature: float | None = None,
     ) -> None:
         self._meta = {"kind": kind, "num_outputs": num_outputs, "k": k, "dtype": dtype,
                       "teacher": dict(teacher), "tokenizer_sha256": tokenizer_sha256,
-                      "data_fingerprint": data_fingerprint, "masking": masking}
+                      "data_fingerprint": data_fingerprint, "masking": masking,
+                      "tail_temperature": tail_temperature}
         # Built now so that a bad kind/k/dtype fails before any teacher forward is spent.
         CacheManifest(**self._meta, num_examples=0, num_rows=0, shards=[])
         if not is_int(shard_rows, 1):
@@ -173,15 +178,19 @@ class CacheWriter:
         self._closed, self._manifest = False, None
 
     def add(self, example_ids: Any, logits: Any = None, *, values: Any = None,
-            indices: Any = None, positions: Any = None, empty_ids: Any = None) -> None:
+            indices: Any = None, positions: Any = None, empty_ids: Any = None,
+            tail: Any = None) -> None:
         if self._closed:
             raise CacheError("add() after close(): this CacheWriter is closed")
         if (logits is not None) != (self._meta["kind"] == "dense"):
             raise CacheError("a dense cache takes add(example_ids, logits); a topk cache "
                              "add(example_ids, values=..., indices=..., positions=...)")
+        if (tail is None) != (self._meta["tail_temperature"] is None):
+            raise CacheError("tail: give it with every add() of a cache with a "
+                             "tail_temperature, and never to one without")
         rows = shard_tensors(example_ids, logits, values, indices, positions, empty_ids,
                              dtype=self._meta["dtype"], num_outputs=self._meta["num_outputs"],
-                             k=self._meta["k"])
+                             k=self._meta["k"], tail=tail)
         if self._pending and ("positions" in rows) != ("positions" in self._pending[0]):
             raise CacheError("positions: give them with every add() of a cache, or never")
         examples = rows.get("examples", rows["example_ids"]).tolist()
@@ -221,7 +230,7 @@ class CacheWriter:
         write_shard(self.directory, self._num_shards, example_ids=shard["example_ids"],
                     logits=shard.get("logits"), values=shard.get("values"),
                     indices=shard.get("indices"), positions=shard.get("positions"),
-                    empty_ids=empty, dtype=self._meta["dtype"],
+                    empty_ids=empty, tail=shard.get("tail"), dtype=self._meta["dtype"],
                     num_outputs=self._meta["num_outputs"], k=self._meta["k"],
                     plan_id=self.plan_id)
         self._num_shards += 1

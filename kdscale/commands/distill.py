@@ -121,6 +121,7 @@ def check_caches(config: Config, caches: list[LogitCache], train, layout: CacheL
         cache.check_compatible(data_fingerprint=train.fingerprint, teacher_sha256=teacher_sha,
                                tokenizer_sha256=tokenizer_sha256(tokenizer),
                                num_outputs=layout.num_outputs, masking=layout.masking)
+        cache.check_temperature(config.loss.temperature)
 
 
 def train_loader(config: Config, task: Task, train, tokenizer, caches: list[LogitCache],

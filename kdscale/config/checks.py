@@ -17,6 +17,7 @@ def check_config(config: Config) -> None:
     _validate_loss(config)
     _validate_augment(config)
     _validate_ensemble(config.cache)
+    _validate_tail(config)
     _check(not (config.cache.ensemble and config.teacher.source == "online"), "cache.ensemble",
            "null when teacher.source is online", config.cache.ensemble)
     for section in ("finetune", "distill"):
@@ -62,6 +63,16 @@ def _validate_loss(config: Config) -> None:
         _check(weight >= 0, f"loss.{key}", "a weight >= 0", weight)
         _check(weight == 0 or config.teacher.source == "online", f"loss.{key}",
                "0 unless teacher.source is online (the cache holds logits only)", weight)
+
+
+def _validate_tail(config: Config) -> None:
+    if not config.cache.tail:
+        return
+    _check(config.cache.kind == "topk", "cache.tail",
+           "false for a dense cache (a dense row leaves no mass out)", config.cache.tail)
+    _check(not isinstance(config.loss.temperature, dict), "loss.temperature",
+           "a number with cache.tail (the tail is a mass at one temperature), not a schedule",
+           config.loss.temperature)
 
 
 def _validate_augment(config: Config) -> None:

@@ -122,6 +122,10 @@ class CacheConfig:
     dtype: Literal["float16", "bfloat16", "float32"] = "float16"  # storage of the raw logits
     kind: Literal["dense", "topk"] = "dense"  # topk: the k largest logits per row (big heads)
     k: int = 64
+    # topk: also store each row's tail, the teacher's mass outside its k slots at
+    # loss.temperature (a number, not a schedule), as one more slot of the loss: no truncation
+    # bias. The cache then serves that temperature only.
+    tail: bool = False
     shard_rows: int = 8192  # rows per shard file: the unit of work, of resume and of reading
     batch_size: int = 64  # teacher forward batch while caching
     overwrite: bool = False  # replace a complete cache built from another teacher or data

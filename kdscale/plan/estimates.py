@@ -95,14 +95,15 @@ def cache_estimate(config: Config, sizes: ModelSizes) -> dict:
 
 def bytes_per_row(config: Config, sizes: ModelSizes) -> int:
     value, index = _CACHE_DTYPE_BYTES[config.cache.dtype], _TOPK_INDEX_BYTES
+    tail = 4 if config.cache.tail else 0  # one float32 mass per top-k row
     if config.task in ("mlm", "pretraining"):  # top-k, plus each row's place and example id
-        return config.cache.k * (value + index) + 12
+        return config.cache.k * (value + index) + 12 + tail
     if config.task == "token-classification":  # every tag, at each word start
         return sizes.num_labels * (value + index) + 12
     if config.task == "question-answering":  # a start and an end logit per position
         return 2 * config.data.max_length * value
     if config.cache.kind == "topk":
-        return config.cache.k * (value + index)
+        return config.cache.k * (value + index) + tail
     return sizes.num_labels * value
 
 

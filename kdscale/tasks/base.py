@@ -47,11 +47,13 @@ class CacheLayout:
     # The recipe of the data's random draws, which the cache must share with its readers:
     # an MLM cache's fixed masks, or a classification cache's augmented copies.
     masking: dict | None = None
+    # topk with a tail slot: the temperature of each row's tail mass; None: no tail.
+    tail_temperature: float | None = None
 
     def meta(self) -> dict:
         """The manifest fields this layout decides."""
         return {"kind": self.kind, "num_outputs": self.num_outputs, "k": self.k,
-                "masking": self.masking}
+                "masking": self.masking, "tail_temperature": self.tail_temperature}
 
 
 class Task:
@@ -136,8 +138,11 @@ class Task:
         if "teacher_topk_positions" in batch:
             check_positions(batch)
         if "teacher_topk_values" in batch:
-            return {"teacher_topk_values": batch["teacher_topk_values"].float(),
-                    "teacher_topk_indices": batch["teacher_topk_indices"]}
+            teacher = {"teacher_topk_values": batch["teacher_topk_values"].float(),
+                       "teacher_topk_indices": batch["teacher_topk_indices"]}
+            if "teacher_topk_tail" in batch:
+                teacher["teacher_topk_tail"] = batch["teacher_topk_tail"]
+            return teacher
         dense = self.from_cache(batch["teacher_logits"].float(), batch)
         return {"teacher_logits": self.rows(dense, batch)[0]}
 
@@ -146,7 +151,8 @@ class Task:
     def cache_layout(self, config: Config, model_config) -> CacheLayout:
         cache = config.cache
         k = cache.k if cache.kind == "topk" else None
-        return CacheLayout(cache.kind, model_config.num_labels, k, self.per_position)
+        return CacheLayout(cache.kind, model_config.num_labels, k, self.per_position,
+                           tail_temperature=tail_temperature(config))
 
     def to_cache(self, label_logits: torch.Tensor, batch: dict) -> torch.Tensor:
         """Per-example label logits -> the [B, num_outputs] rows a dense cache stores."""
@@ -170,14 +176,29 @@ def cache_entries(task: Task, layout: CacheLayout, outputs, batch: dict) -> dict
         rows = task.to_cache(logits, batch).cpu()
         if layout.kind == "dense":
             return {"example_ids": ids, "logits": rows}
-        values, indices = rows.topk(layout.k, dim=-1)
-        return {"example_ids": ids, "values": values, "indices": indices.int()}
+        return {"example_ids": ids, **topk_entries(rows, layout)}
     valid = (batch["labels"] != IGNORE_INDEX).to(logits.device)
-    values, indices = logits[valid].topk(layout.k, dim=-1)
     where = valid.nonzero().cpu()  # (example in batch, position), row-major like `rows`
-    return {"example_ids": ids[where[:, 0]], "values": values.cpu(),
-            "indices": indices.int().cpu(), "positions": where[:, 1],
-            "empty_ids": ids[~valid.any(dim=1).cpu()]}
+    return {"example_ids": ids[where[:, 0]], **topk_entries(logits[valid], layout),
+            "positions": where[:, 1], "empty_ids": ids[~valid.any(dim=1).cpu()]}
+
+
+def topk_entries(rows: torch.Tensor, layout: CacheLayout) -> dict[str, torch.Tensor]:
+    """The k largest logits of each row and their indices, and, for a cache with a tail
+    slot, the mass the full distribution at its temperature puts off those k."""
+    values, indices = rows.topk(layout.k, dim=-1)
+    out = {"values": values.cpu(), "indices": indices.int().cpu()}
+    if layout.tail_temperature is not None:
+        probs = torch.softmax(rows / layout.tail_temperature, dim=-1)
+        out["tail"] = (1 - probs.gather(1, indices).sum(dim=-1)).clamp(0, 1).cpu()
+    return out
+
+
+def tail_temperature(config: Config) -> float | None:
+    """The temperature a top-k cache stores its tails at (loss.temperature), or None."""
+    if not (config.cache.tail and config.cache.kind == "topk"):
+        return None
+    return float(config.loss.temperature)
 
 
 def check_positions(batch: dict) -> None:

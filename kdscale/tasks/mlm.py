@@ -19,7 +19,7 @@ from transformers import AutoModelForMaskedLM
 from kdscale.config import Config, ConfigError, DataConfig
 from kdscale.data import DataError, TaskData, fingerprint, load_raw
 from kdscale.data.batch import IGNORE_INDEX
-from kdscale.tasks.base import CacheLayout, Task
+from kdscale.tasks.base import CacheLayout, Task, tail_temperature
 
 RECIPE = "bert-80-10-10"  # what a chosen position becomes: [MASK], a random token, itself
 
@@ -74,7 +74,8 @@ class MaskedLM(Task):
                               f"masked positions (a dense row would be {model_config.vocab_size}"
                               f" wide); expected topk, got {config.cache.kind!r}")
         return CacheLayout("topk", model_config.vocab_size, config.cache.k, self.per_position,
-                           masking=masking_recipe(config))
+                           masking=masking_recipe(config),
+                           tail_temperature=tail_temperature(config))
 
     @torch.inference_mode()
     def metrics(self, model: torch.nn.Module, loader, data: TaskData) -> dict:

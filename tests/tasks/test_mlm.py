@@ -163,3 +163,30 @@ def test_a_cache_built_with_other_masks_is_refused(cached):
     assert result.returncode == 2
     assert "masking: cache has {'seed': 3" in result.stderr
     assert "expected {'seed': 4" in result.stderr
+
+
+def test_a_tail_cache_holds_the_mass_off_the_top_k_and_serves_its_temperature_only(experiment):
+    root, path, config = experiment
+    tail_dir = str(root / "tail_cache")
+    common = ["--config", str(path), "--cache.dir", tail_dir, "--cache.tail", "true",
+              "--teacher.checkpoint", str(root / "run" / "teacher")]
+    result = kdscale("cache", *common, "--loss.temperature", "2", cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    cache = LogitCache(tail_dir)
+    assert cache.manifest.tail_temperature == 2.0
+    row = masked(config).dataset[0]
+    teacher = get_task("mlm").from_pretrained(root / "run" / "teacher").eval()
+    with torch.no_grad():
+        logits = teacher(input_ids=torch.tensor([row["input_ids"]])).logits[0]
+    positions = [i for i, x in enumerate(row["labels"]) if x != -100]
+    probs = torch.softmax(logits[positions] / 2.0, dim=-1)
+    want = 1 - probs.topk(K, dim=-1).values.sum(dim=-1)
+    torch.testing.assert_close(cache.get_topk([row["example_id"]]).tail, want, atol=1e-5,
+                               rtol=1e-4)
+    other = kdscale("distill", *common, "--loss.temperature", "3", "--output_dir",
+                    str(root / "tail_t3"), cwd=root)
+    assert other.returncode == 2
+    assert "holds tails at temperature 2, and loss.temperature is 3" in other.stderr
+    same = kdscale("distill", *common, "--loss.temperature", "2", "--output_dir",
+                   str(root / "tail_t2"), cwd=root)
+    assert same.returncode == 0, same.stderr[-3000:]
