@@ -42,6 +42,15 @@ def check_teacher_inputs(config: Config) -> None:
                        num_layers_of(config.teacher.model, "teacher.model"))
 
 
+def report_shards(accelerator, model: torch.nn.Module) -> None:
+    """Under ZeRO-3, how much of the model this process holds, as loaded."""
+    held = [p.ds_tensor.numel() for p in model.parameters() if hasattr(p, "ds_tensor")]
+    if held:
+        total = sum(p.ds_numel for p in model.parameters())
+        print(f"teacher loaded into ZeRO-3 shards: process {accelerator.process_index} holds "
+              f"{sum(held):,} of {total:,} parameters", flush=True)
+
+
 def run_finetune(config: Config) -> None:
     stage = begin_stage(config, "finetune")
     check_teacher_inputs(config)
@@ -51,12 +60,15 @@ def run_finetune(config: Config) -> None:
     with stage.state.main_process_first():  # one tokenizes, the rest read its files
         train = task.load_split(config, tokenizer, "train")
     check_unknown_rate(train, tokenizer, f"the tokenizer of {tokenizer.name_or_path}")
+    # Before the model: under ZeRO-3 each weight then loads straight into its shard, so no
+    # process ever holds the whole teacher (nothing is copied out of it, unlike a student).
+    accelerator = start_accelerator(stage)
     teacher = task.new_model(config.teacher, train.label_names)
+    report_shards(accelerator, teacher)
     check_inputs_fit(teacher.config, tokenizer, config.data.max_length, "the teacher")
     if train.label_names:  # classes or tags; a masked LM's outputs are its vocabulary
         teacher.config.id2label = dict(enumerate(train.label_names))
         teacher.config.label2id = {name: i for i, name in enumerate(train.label_names)}
-    accelerator = start_accelerator(stage)  # after the model: ZeRO-3 partitions it in prepare()
     global_batch = config.finetune.batch_size * accelerator.num_processes
     loader = make_loader(train, global_batch, task.collator(tokenizer), shuffle=True,
                          seed=config.seed)

@@ -56,9 +56,12 @@ def make_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.Op
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
-            (no_decay if param.ndim < 2 else decay).append(param)
-    groups = [{"params": decay, "weight_decay": train.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+            # A ZeRO-3 parameter loaded into shards is an empty placeholder: its shape is ds_shape.
+            ndim = len(getattr(param, "ds_shape", param.shape))
+            (no_decay if ndim < 2 else decay).append(param)
+    # An empty group would be dropped by DeepSpeed, and the schedule then counts one too many.
+    groups = [group for group in ({"params": decay, "weight_decay": train.weight_decay},
+                                  {"params": no_decay, "weight_decay": 0.0}) if group["params"]]
     # The fused kernel updates all parameters in one pass: about 5x faster than the default
     # per-tensor loops on a CPU (a 17M-parameter step: 33 ms against 161 ms), and the same
     # update rule.
