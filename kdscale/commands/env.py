@@ -15,7 +15,8 @@ def run_env(args, config: Config) -> None:
     if int(os.environ.get("RANK", "0")) != 0:
         return
     launch = launch_from_file(args.accelerate_config, args.num_machines, args.num_processes) \
-        if args.accelerate_config else launch_from_environment()
+        if args.accelerate_config else launch_from_environment(args.num_machines,
+                                                               args.num_processes)
     memory = args.device_memory_gib
     if memory is None:
         memory = _local_device_memory_gib()

@@ -54,8 +54,15 @@ def launch_from_file(path: str | Path, num_machines: int | None = None,
     return _checked(launch)
 
 
-def launch_from_environment() -> Launch:
-    """The launch this process is part of (`accelerate launch ... -m kdscale env`)."""
+def launch_from_environment(num_machines: int | None = None,
+                            num_processes: int | None = None) -> Launch:
+    """The launch this process is part of (`accelerate launch ... -m kdscale env`), or, with
+    `--num_processes` (and `--num_machines`) and no accelerate config, a plain multi-process
+    launch of that shape (`accelerate launch --multi_gpu --num_processes N`)."""
+    if num_processes:
+        nodes = num_machines or 1
+        return _checked(Launch("--num_processes", nodes, num_processes, None,
+                               os.environ.get("ACCELERATE_MIXED_PRECISION", "no")))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
     deepspeed = None

@@ -143,3 +143,16 @@ def test_under_accelerate_launch_the_plan_is_the_launch_itself(bert_large):
     assert plan["launch"]["origin"] == "environment"
     assert plan["launch"]["world_size"] == 2
     assert plan["student_zero"]["stage"] == 3
+
+
+def test_num_processes_without_an_accelerate_config_plans_that_many(bert_large, capsys,
+                                                                    monkeypatch):
+    """As `accelerate launch --multi_gpu --num_processes 4` would run it: no DeepSpeed for the
+    student, the teacher's shard a quarter."""
+    monkeypatch.chdir(REPO)
+    plan = plan_of(capsys, "--num_processes", "4", "--teacher.model", str(bert_large),
+                   "--teacher.placement", "zero3")
+    assert (plan["launch"]["world_size"], plan["launch"]["nodes"]) == (4, 1)
+    assert plan["batches"]["distill"]["effective"] == 4 * plan["batches"]["distill"]["per_device"]
+    assert plan["memory"]["teacher_while_caching"] == pytest.approx(
+        plan["teacher"]["weights"] / 4)

@@ -1,0 +1,147 @@
+"""The scale benchmark's results: JSON, report.md and a plot of measured against predicted
+memory per process. A prediction is `kdscale env`'s bytes per device for that launch (the
+teacher's weights while caching; the student's training state, activations and an online
+teacher while distilling); a measurement is the largest peak RSS over the job's ranks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from benchmarks.provenance import provenance
+from benchmarks.scale.extrapolate import extrapolate
+from kdscale.commands.report import device_name
+
+GiB = 1024**3
+GOAL = 0.25  # |measured / predicted - 1| for every job
+
+
+def prediction(job: dict) -> float | None:
+    memory = job["plan"].get("memory", {})
+    if job["job"].startswith("cache"):
+        return memory.get("teacher_while_caching")
+    key = "finetune_total" if job["job"].startswith("finetune") else "distill_total"
+    return memory.get(key)
+
+
+def with_verdict(job: dict) -> dict:
+    predicted, peak = prediction(job), max(job["peak_rss"])
+    error = None if not predicted else peak / predicted - 1
+    return {**job, "predicted_bytes": predicted, "measured_bytes": peak, "error": error,
+            "within_goal": error is not None and abs(error) <= GOAL}
+
+
+def checks(jobs: list[dict]) -> dict:
+    caches = [j for j in jobs if j["job"].startswith("cache")]
+    out = {}
+    if caches:
+        out["caches_identical"] = len({tuple(j["shard_sha256"]) for j in caches}) == 1
+    replicated = next((j for j in caches if j["job"] == "cache-replicate-x2"), None)
+    sharded = next((j for j in caches if j["job"] == "cache-zero3-x2"), None)
+    if replicated and sharded:
+        held = max(rank["params_held"] for rank in sharded["ranks"])
+        out["zero3_params_share"] = held / replicated["num_params"]
+    out["all_within_goal"] = all(j["within_goal"] for j in jobs)
+    return out
+
+
+def build(settings: dict, setup: dict, jobs: list[dict], kdscale_src, total_s: float) -> dict:
+    jobs = [with_verdict(job) for job in jobs]
+    return {"device": device_name(), **provenance(), "torch": torch.__version__,
+            "kdscale_src": str(kdscale_src) if kdscale_src else None, "settings": settings,
+            "setup": setup, "total_s": round(total_s, 1), "jobs": jobs, "checks": checks(jobs),
+            "extrapolation": extrapolate(jobs)}
+
+
+def gib(n: float | None) -> str:
+    return "-" if n is None else f"{n / GiB:.2f}"
+
+
+def job_line(job: dict) -> str:
+    peaks = ", ".join(gib(p) for p in job["peak_rss"])
+    extra = ""
+    if "ranks" in job:
+        rate = sum(r["examples"] for r in job["ranks"]) / max(r["seconds"] for r in job["ranks"])
+        extra = f", {rate:.1f} examples/s"
+    if job.get("step_ms"):
+        extra = f", {job['step_ms']['step']:.0f} ms/step"
+    return f"{job['job']}: {job['wall_s']:.0f} s, peak GiB per rank [{peaks}]{extra}"
+
+
+def table(jobs: list[dict]) -> list[str]:
+    lines = ["| job | processes | wall s | peak GiB per rank | predicted GiB | error | "
+             "within 25% | throughput |", "|---|---|---|---|---|---|---|---|"]
+    for j in jobs:
+        error = "-" if j["error"] is None else f"{j['error']:+.0%}"
+        throughput = job_line(j).rsplit(", ", 1)[-1] if ("ranks" in j or j.get("step_ms")) \
+            else "-"
+        lines.append(f"| {j['job']} | {j['processes']} | {j['wall_s']:.0f} | "
+                     f"{', '.join(gib(p) for p in j['peak_rss'])} | {gib(j['predicted_bytes'])}"
+                     f" | {error} | {'yes' if j['within_goal'] else 'no'} | {throughput} |")
+    return lines
+
+
+def cache_rows(jobs: list[dict]) -> list[str]:
+    lines = ["| placement | processes | parameters held per rank | share |", "|---|---|---|---|"]
+    for j in jobs:
+        if "ranks" in j:
+            held = [r["params_held"] for r in j["ranks"]]
+            lines.append(f"| {j['placement']} | {j['processes']} | "
+                         f"{', '.join(f'{h:,}' for h in held)} | "
+                         f"{max(held) / j['num_params']:.0%} |")
+    return lines
+
+
+def step_rows(jobs: list[dict]) -> list[str]:
+    trained = [j for j in jobs if j.get("step_ms")]
+    if not trained:
+        return []
+    phases = list(trained[0]["step_ms"])
+    lines = [f"| job | {' | '.join(phases)} |", "|---" * (len(phases) + 1) + "|"]
+    lines += [f"| {j['job']} | " + " | ".join(f"{j['step_ms'][p]:.0f}" for p in phases) + " |"
+              for j in trained]
+    return lines
+
+
+def markdown(results: dict) -> str:
+    source = (f"commit {results['commit'][:10]}" if results.get("commit") else "no commit") + \
+        ("" if results.get("clean_tree") else " (uncommitted changes)")
+    lines = [f"# BERT-large at its true size: {results['device']}", "",
+             f"{results['setup']['rows']} SST-2 rows; vocabulary {results['setup']['vocabulary']}"
+             f"; {source}; whole benchmark {results['total_s'] / 60:.1f} min.", "",
+             *table(results["jobs"]), "", *cache_rows(results["jobs"]), "",
+             "Step time per phase, ms (mean after the first log window):", "",
+             *step_rows(results["jobs"]), "", "Checks: " + json.dumps(results["checks"]), "",
+             "## Beyond one machine, on paper", "", *results["extrapolation"]["lines"], "",
+             "![measured against predicted memory](scale_bench.png)", ""]
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    jobs = results["jobs"]
+    fig, ax = plt.subplots(figsize=(max(6, len(jobs)), 4))
+    xs = range(len(jobs))
+    ax.bar([x - 0.2 for x in xs], [j["measured_bytes"] / GiB for j in jobs], 0.4,
+           label="measured peak RSS (largest rank)")
+    ax.bar([x + 0.2 for x in xs], [(j["predicted_bytes"] or 0) / GiB for j in jobs], 0.4,
+           label="kdscale env's prediction")
+    ax.set_xticks(list(xs), [j["job"] for j in jobs], rotation=30, ha="right", fontsize=7)
+    ax.set(ylabel="GiB per process", title=f"BERT-large on {results['device']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def write(results: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / "report.md").write_text(markdown(results))
+    plot(results, out / "scale_bench.png")
+    print(markdown(results))
