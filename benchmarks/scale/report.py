@@ -14,6 +14,7 @@ from benchmarks.provenance import provenance
 from benchmarks.scale.extrapolate import extrapolate
 from kdscale.commands.report import device_name
 
+REPO = Path(__file__).resolve().parents[2]
 GiB = 1024**3
 GOAL = 0.25  # |measured / predicted - 1| for every job
 
@@ -47,10 +48,24 @@ def checks(jobs: list[dict]) -> dict:
     return out
 
 
-def build(settings: dict, setup: dict, jobs: list[dict], kdscale_src, total_s: float) -> dict:
-    jobs = [with_verdict(job) for job in jobs]
+def portable(value, work: Path):
+    """`value` with the work folder written as <work> and repository files by their relative
+    path: results name no machine's paths."""
+    if isinstance(value, dict):
+        return {key: portable(item, work) for key, item in value.items()}
+    if isinstance(value, list):
+        return [portable(item, work) for item in value]
+    if isinstance(value, str):
+        value = value.replace(str(work.resolve()), "<work>").replace(str(work), "<work>")
+        return value.replace(f"{REPO}/", "")  # repository files by their relative path
+    return value
+
+
+def build(settings: dict, setup: dict, jobs: list[dict], kdscale_src, total_s: float,
+          work: Path) -> dict:
+    jobs = [with_verdict(portable(job, work)) for job in jobs]
     return {"device": device_name(), **provenance(), "torch": torch.__version__,
-            "kdscale_src": str(kdscale_src) if kdscale_src else None, "settings": settings,
+            "kdscale_src": "another checkout" if kdscale_src else None, "settings": settings,
             "setup": setup, "total_s": round(total_s, 1), "jobs": jobs, "checks": checks(jobs),
             "extrapolation": extrapolate(jobs)}
 

@@ -149,7 +149,7 @@ def main(argv=None) -> dict:
     env = job_env(args.kdscale_src)
     jobs = [job for stage in stages for job in STAGES[stage](settings, args.work, env)]
     results = report.build(settings, setup, jobs, args.kdscale_src,
-                           total_s=time.perf_counter() - start)
+                           total_s=time.perf_counter() - start, work=args.work)
     report.write(results, args.out)
     return results
 
