@@ -217,7 +217,7 @@ def write_shards(job: CacheJob, runner: TeacherRunner, shards: list[int], state)
             continue
         shard, batch_rows = steps[step]
         batch = collate(job.data.rows(batch_rows))
-        with torch.inference_mode():
+        with torch.inference_mode(), job.task.head_context(runner.model, batch):
             entries = cache_entries(job.task, job.layout, runner.outputs(batch), batch)
         pending.setdefault(shard, []).append(entries)
         examples[shard] = examples.get(shard, 0) + len(batch_rows)

@@ -22,7 +22,7 @@ def cross_entropy_step(task: Task):
     ends), as a sum: the training loop divides by the step's row count."""
 
     def step(model: torch.nn.Module, batch: dict, timer: StepTimer) -> dict[str, torch.Tensor]:
-        with timer.phase("forward"):
+        with timer.phase("forward"), task.head_context(model, batch):
             outputs = model(**model_inputs(batch))
         with timer.phase("loss"):
             rows, labels = task.rows(task.label_logits(outputs, batch), batch)

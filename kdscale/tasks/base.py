@@ -22,6 +22,7 @@ example id and checks them against its own positions.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -124,6 +125,11 @@ class Task:
 
     # -- outputs, rows and the loss -------------------------------------------------------
 
+    def head_context(self, model: torch.nn.Module, batch: dict):
+        """A context for the model's forward on `batch`: a task whose loss reads few
+        positions runs the output head on those alone (masked LM); none by default."""
+        return contextlib.nullcontext()
+
     def label_logits(self, outputs, batch: dict) -> torch.Tensor:
         return outputs.logits
 
@@ -179,7 +185,8 @@ def cache_entries(task: Task, layout: CacheLayout, outputs, batch: dict) -> dict
         return {"example_ids": ids, **topk_entries(rows, layout)}
     valid = (batch["labels"] != IGNORE_INDEX).to(logits.device)
     where = valid.nonzero().cpu()  # (example in batch, position), row-major like `rows`
-    return {"example_ids": ids[where[:, 0]], **topk_entries(logits[valid], layout),
+    rows = logits if logits.dim() == 2 else logits[valid]  # 2-D: the head ran on the rows
+    return {"example_ids": ids[where[:, 0]], **topk_entries(rows, layout),
             "positions": where[:, 1], "empty_ids": ids[~valid.any(dim=1).cpu()]}
 
 

@@ -19,6 +19,7 @@ from transformers import AutoModelForMaskedLM
 from kdscale.config import Config, ConfigError, DataConfig
 from kdscale.data import DataError, TaskData, fingerprint, load_raw
 from kdscale.data.batch import IGNORE_INDEX
+from kdscale.models.heads import head_on_rows
 from kdscale.tasks.base import CacheLayout, Task, tail_temperature
 
 RECIPE = "bert-80-10-10"  # what a chosen position becomes: [MASK], a random token, itself
@@ -32,6 +33,16 @@ class MaskedLM(Task):
 
     def head_size(self, labels: list[str]) -> int:
         return 2  # unused: a masked LM's head predicts the vocabulary
+
+    def head_context(self, model: torch.nn.Module, batch: dict):
+        """The vocabulary head on the masked positions alone: logits [R, V], not [B, T, V]."""
+        return head_on_rows(model, batch["labels"] != IGNORE_INDEX)
+
+    def rows(self, label_logits: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        valid = batch["labels"] != IGNORE_INDEX
+        if label_logits.dim() == 2:  # the head ran on the rows alone (head_context)
+            return label_logits, batch["labels"][valid]
+        return label_logits[valid], batch["labels"][valid]
 
     def from_pretrained(self, name_or_dir, labels: list[str] | None = None, **options):
         return self.model_class.from_pretrained(str(name_or_dir), **options)  # vocab outputs

@@ -21,6 +21,7 @@ token, where BERT's pre-training loss adds a separate NSP mean.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import datasets
@@ -66,6 +67,10 @@ class Pretraining(MaskedLM):
                    "example_id": pairs["example_id"]}
         tokenized = datasets.Dataset.from_dict(columns)
         return TaskData(tokenized, [], fingerprint(tokenized, cfg.max_length))
+
+    def head_context(self, model: torch.nn.Module, batch: dict):
+        """The whole head: the NSP row is packed into position 0 of the [B, L, V] logits."""
+        return contextlib.nullcontext()
 
     def label_logits(self, outputs, batch: dict) -> torch.Tensor:
         """[B, L, V]: the MLM logits, with the NSP logits (padded) as position 0's row."""

@@ -66,9 +66,9 @@ class DistillStep:
                  "output_attentions": self.needs.attention_kl > 0}
         teacher = None
         if self.teacher is not None:
-            with timer.phase("teacher"):
+            with timer.phase("teacher"), self.task.head_context(self.teacher.model, batch):
                 teacher = self.teacher.outputs(batch, **flags)
-        with timer.phase("forward"):
+        with timer.phase("forward"), self.task.head_context(model, batch):
             student = model(**model_inputs(batch), **flags)
         with timer.phase("loss"):
             rows, labels = self.task.rows(self.task.label_logits(student, batch), batch)
