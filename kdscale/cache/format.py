@@ -97,7 +97,7 @@ def shard_index(name: str, pattern: re.Pattern = SHARD_RE) -> int | None:
 
 
 # added within format version 1: older manifests lack them
-OPTIONAL_FIELDS = {"max_length", "tail_temperature"}
+OPTIONAL_FIELDS = {"max_length", "tail_temperature", "audit"}
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -121,6 +121,8 @@ class CacheManifest:
     # topk: the temperature of each row's tail (the teacher's mass off its k slots); None:
     # no tail stored.
     tail_temperature: float | None = None
+    # topk: how faithful the k slots are, measured while writing (kdscale.cache.audit)
+    audit: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -203,6 +205,7 @@ def _validate(m: CacheManifest) -> None:
     _check(m.tail_temperature is None or (m.kind == "topk" and is_positive(m.tail_temperature)),
            "tail_temperature", "null, or a temperature > 0 for a topk cache",
            m.tail_temperature)
+    _check(m.audit is None or isinstance(m.audit, dict), "audit", "an object or null", m.audit)
     _check(isinstance(m.shards, list), "shards", "a list", m.shards)
     for i, shard in enumerate(m.shards):
         _validate_shard(f"shards[{i}]", i, shard, m.kind)

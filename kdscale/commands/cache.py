@@ -23,11 +23,13 @@ from kdscale.cache import (
     read_manifest,
     write_shard,
 )
+from kdscale.cache.audit import FidelityAudit, describe
 from kdscale.cache.building import build_lock, max_over_processes, staging_dir, swap_in
 from kdscale.cache.format import MANIFEST_NAME, shard_plan_id
 from kdscale.cache.plan import ShardPlan, plan_id, plan_shards
 from kdscale.cache.verify import damaged_shards, reopen_for_repair
 from kdscale.config import Config
+from kdscale.config.schedules import Schedule
 from kdscale.data import TaskData, check_sources, check_unknown_rate
 from kdscale.distributed import process_state
 from kdscale.files import check_writable
@@ -39,6 +41,7 @@ from kdscale.models import (
     tokenizer_sha256,
 )
 from kdscale.tasks import CacheLayout, Task, cache_entries, get_task
+from kdscale.tasks.base import full_rows
 from kdscale.teacher import TeacherRunner, check_teacher_deepspeed_config, load_runner
 
 
@@ -106,12 +109,14 @@ def _build(job: CacheJob, runner: TeacherRunner, state, differs: list[str] | Non
             if s not in done]
     state.print(f"{len(job.plan.shards)} shards of {config.cache.shard_rows} rows, "
                 f"{len(done)} already finished; {state.num_processes} process(es)")
-    stats = write_shards(job, runner, mine, state)
+    audit = new_audit(job) if state.is_main_process else None
+    stats = write_shards(job, runner, mine, state, audit)
     state.wait_for_everyone()
     all_stats = _gather(stats, state)
     if state.is_main_process:
         manifest = finalize_cache(job.directory, num_shards=len(job.plan.shards),
-                                  plan_id=job.plan_id, **job.meta)
+                                  plan_id=job.plan_id, audit=audit and audit.result(),
+                                  **job.meta)
         if job.directory != config.cache_dir:
             swap_in(job.directory, config.cache_dir)
         report_numbers(job, manifest, all_stats, runner)
@@ -200,7 +205,17 @@ def _prepare_directory(job: CacheJob) -> None:
         clear_partial(directory)
 
 
-def write_shards(job: CacheJob, runner: TeacherRunner, shards: list[int], state) -> dict:
+def new_audit(job: CacheJob) -> FidelityAudit | None:
+    """A top-k cache that drops outputs is audited, at the loss's temperature (a schedule's
+    start)."""
+    layout = job.layout
+    if layout.kind != "topk" or layout.k >= layout.num_outputs:
+        return None
+    return FidelityAudit(layout.k, Schedule.from_value(job.config.loss.temperature).value(0, 1))
+
+
+def write_shards(job: CacheJob, runner: TeacherRunner, shards: list[int], state,
+                 audit: FidelityAudit | None = None) -> dict:
     """Run the teacher over this process's shards; every process runs the same number of
     forwards (ZeRO-3 gathers each layer from all of them), padding with a repeat batch."""
     batch_size = job.config.cache.batch_size
@@ -218,7 +233,10 @@ def write_shards(job: CacheJob, runner: TeacherRunner, shards: list[int], state)
         shard, batch_rows = steps[step]
         batch = collate(job.data.rows(batch_rows))
         with torch.inference_mode(), job.task.head_context(runner.model, batch):
-            entries = cache_entries(job.task, job.layout, runner.outputs(batch), batch)
+            outputs = runner.outputs(batch)
+            entries = cache_entries(job.task, job.layout, outputs, batch)
+            if audit is not None:
+                audit.add(full_rows(job.task, job.layout, outputs, batch))
         pending.setdefault(shard, []).append(entries)
         examples[shard] = examples.get(shard, 0) + len(batch_rows)
         rows_done += len(batch_rows)
@@ -269,6 +287,8 @@ def report_numbers(job: CacheJob, manifest, stats: list[dict], runner: TeacherRu
         print(f"  rank {s['rank']}: {s['examples']} examples in {s['seconds']:.1f} s "
               f"({rate:.1f} ex/s), holds {s['params_held']:,} of {runner.num_params:,} "
               f"teacher parameters")
+    if manifest.audit:
+        print(describe(manifest.audit))
     build = {"placement": runner.placement, "num_params": runner.num_params,
              "world_size": len(stats), "ranks": stats}
     (job.config.cache_dir / "build.json").write_text(json.dumps(build, indent=1))

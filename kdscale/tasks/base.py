@@ -174,6 +174,17 @@ class Task:
         raise NotImplementedError
 
 
+def full_rows(task: Task, layout: CacheLayout, outputs, batch: dict) -> torch.Tensor:
+    """The teacher's rows [R, num_outputs] of one batch, in full: what a cache stores (all of
+    it dense, the top k of each row top-k), in the cache's row order."""
+    logits = task.label_logits(outputs, batch).float()
+    if not layout.per_position:
+        return task.to_cache(logits, batch)
+    if logits.dim() == 2:  # the head ran on the rows alone (Task.head_context)
+        return logits
+    return logits[(batch["labels"] != IGNORE_INDEX).to(logits.device)]
+
+
 def cache_entries(task: Task, layout: CacheLayout, outputs, batch: dict) -> dict:
     """One teacher batch as shard tensors (kdscale.cache.write_shard's arguments)."""
     logits = task.label_logits(outputs, batch).float()

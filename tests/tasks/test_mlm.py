@@ -190,3 +190,15 @@ def test_a_tail_cache_holds_the_mass_off_the_top_k_and_serves_its_temperature_on
     same = kdscale("distill", *common, "--loss.temperature", "2", "--output_dir",
                    str(root / "tail_t2"), cwd=root)
     assert same.returncode == 0, same.stderr[-3000:]
+
+
+def test_the_cache_audits_its_top_k_against_the_full_teacher(cached):
+    """Stored in the manifest and printed: the mass the k slots cover, and the loss and
+    gradient errors of top-k alone and with a tail, for a uniform student."""
+    root, _, _ = cached
+    audit = LogitCache(root / "run" / "cache").manifest.audit
+    assert audit["k"] == K and 0 < audit["rows"] <= 512
+    assert 0 < audit["mass_covered_min"] <= audit["mass_covered"] < 1
+    # A tail slot carries the missing mass: its loss is closer to the full teacher's.
+    assert audit["topk_tail"]["loss_error"] < audit["topk"]["loss_error"]
+    assert audit["topk_tail"]["grad_error"] < audit["topk"]["grad_error"]
