@@ -4,8 +4,9 @@ cache is written: printed by `kdscale cache` and stored in the manifest (`audit`
 For the first rows the main process computes (AUDIT_ROWS of them) the full distribution is
 still at hand. At the loss's temperature T, the audit reports the teacher's mass the k slots
 cover, and the error of the soft loss and of its gradient when the teacher is stored as its
-top k (renormalized over the slots), and as its top k with a tail slot, against the full
-teacher. The errors are taken for a uniform student (all logits equal, where training
+top k (renormalized over the slots), as its top k with a tail slot, and as k sampled draws
+(kdscale.cache.sampling; its loss value is biased by design, its gradient is not), against
+the full teacher. The errors are taken for a uniform student (all logits equal, where training
 starts): |L - L_full| / L_full, and ||g - g_full|| / ||g_full|| over the sample.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from kdscale.cache.sampling import sampled_rows
 from kdscale.kernels import kd_loss_reference
 
 AUDIT_ROWS = 512
@@ -44,6 +46,10 @@ class FidelityAudit:
         stored = {"topk": {"teacher_topk_values": values, "teacher_topk_indices": indices},
                   "topk_tail": {"teacher_topk_values": values, "teacher_topk_indices": indices,
                                 "teacher_topk_tail": (1 - mass).clamp(0, 1)}}
+        rows = torch.arange(len(teacher))
+        drawn = sampled_rows(teacher, rows, torch.zeros_like(rows), self.k, t, seed=0)
+        stored["sampled"] = {"teacher_topk_values": drawn["values"],
+                             "teacher_topk_indices": drawn["indices"].long()}
         full_loss, full_grad = _loss_and_grad(teacher, t, teacher_logits=teacher)
         errors = {}
         for kind, teacher_args in stored.items():
@@ -66,10 +72,11 @@ def _loss_and_grad(teacher: torch.Tensor, temperature: float, **teacher_args):
 
 
 def describe(audit: dict) -> str:
-    topk, tail = audit["topk"], audit["topk_tail"]
+    topk, tail, sampled = audit["topk"], audit["topk_tail"], audit["sampled"]
     return (f"  fidelity on {audit['rows']} rows at T = {audit['temperature']:g}: the top "
             f"{audit['k']} hold {audit['mass_covered']:.1%} of the teacher's mass (least "
             f"{audit['mass_covered_min']:.1%}); against the full teacher, for a uniform "
             f"student: top-k loss error {topk['loss_error']:.1%}, gradient error "
             f"{topk['grad_error']:.1%}; top-k + tail {tail['loss_error']:.1%} and "
-            f"{tail['grad_error']:.1%}")
+            f"{tail['grad_error']:.1%}; {audit['k']} sampled draws, gradient error "
+            f"{sampled['grad_error']:.1%}")

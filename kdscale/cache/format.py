@@ -97,7 +97,7 @@ def shard_index(name: str, pattern: re.Pattern = SHARD_RE) -> int | None:
 
 
 # added within format version 1: older manifests lack them
-OPTIONAL_FIELDS = {"max_length", "tail_temperature", "audit"}
+OPTIONAL_FIELDS = {"max_length", "tail_temperature", "audit", "sampling"}
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -123,6 +123,9 @@ class CacheManifest:
     tail_temperature: float | None = None
     # topk: how faithful the k slots are, measured while writing (kdscale.cache.audit)
     audit: dict[str, Any] | None = None
+    # topk rows of drawn tokens (cache.kind sampled): {"draws", "temperature", "seed"};
+    # None: the rows are the teacher's largest logits (kdscale.cache.sampling)
+    sampling: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -206,6 +209,9 @@ def _validate(m: CacheManifest) -> None:
            "tail_temperature", "null, or a temperature > 0 for a topk cache",
            m.tail_temperature)
     _check(m.audit is None or isinstance(m.audit, dict), "audit", "an object or null", m.audit)
+    _check(m.sampling is None or (m.kind == "topk" and isinstance(m.sampling, dict)
+                                  and is_positive(m.sampling.get("temperature"))),
+           "sampling", "null, or an object with a temperature > 0 for a topk cache", m.sampling)
     _check(isinstance(m.shards, list), "shards", "a list", m.shards)
     for i, shard in enumerate(m.shards):
         _validate_shard(f"shards[{i}]", i, shard, m.kind)

@@ -343,19 +343,21 @@ class LogitCache:
             )
 
     def check_temperature(self, temperature: float | dict) -> None:
-        """A cache with a tail slot stores masses at one temperature: refuse another, or a
-        schedule (a cache without a tail stores raw logits and serves any).
+        """A cache with a tail slot, or of drawn tokens, holds one temperature's distribution:
+        refuse another, or a schedule (raw logits serve any).
 
         Raises:
             CacheMismatchError: naming loss.temperature and the cache's tail temperature.
         """
-        cached = self._manifest.tail_temperature
+        m = self._manifest
+        what, cached = ("tails", m.tail_temperature) if m.sampling is None else \
+            ("tokens drawn", m.sampling["temperature"])
         if cached is None or (not isinstance(temperature, dict) and temperature == cached):
             return
         raise CacheMismatchError(
-            f"the logit cache at {self.directory} holds tails at temperature {cached:g}, and "
+            f"the logit cache at {self.directory} holds {what} at temperature {cached:g}, and "
             f"loss.temperature is {temperature!r}: distill at {cached:g}, or rebuild the cache "
-            f"with `kdscale cache` at this temperature (or with --cache.tail false)")
+            f"with `kdscale cache` at this temperature")
 
     def __repr__(self) -> str:
         m = self._manifest

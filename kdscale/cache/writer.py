@@ -104,6 +104,7 @@ def finalize_cache(
     k: int | None, dtype: str, teacher: dict[str, Any], tokenizer_sha256: str | None,
     data_fingerprint: str, masking: dict[str, Any] | None = None, max_length: int | None = None,
     tail_temperature: float | None = None, audit: dict[str, Any] | None = None,
+    sampling: dict[str, Any] | None = None,
 ) -> CacheManifest:
     """Writes the manifest of shards 0..num_shards-1 (all finished), then removes the sidecars.
 
@@ -126,7 +127,8 @@ def finalize_cache(
         kind=kind, num_outputs=num_outputs, k=k, dtype=dtype, teacher=dict(teacher),
         num_examples=sum(s["examples"] for s in shards), num_rows=sum(s["rows"] for s in shards),
         tokenizer_sha256=tokenizer_sha256, data_fingerprint=data_fingerprint, masking=masking,
-        shards=shards, max_length=max_length, tail_temperature=tail_temperature, audit=audit)
+        shards=shards, max_length=max_length, tail_temperature=tail_temperature, audit=audit,
+        sampling=sampling)
     # Headers match the settings and no id is in two shards: what the reader will check.
     open_shards(directory, manifest, remedy="the plan put it in two shards")
     try:

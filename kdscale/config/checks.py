@@ -66,6 +66,12 @@ def _validate_loss(config: Config) -> None:
 
 
 def _validate_tail(config: Config) -> None:
+    if config.cache.kind == "sampled":
+        _check(not isinstance(config.loss.temperature, dict), "loss.temperature",
+               "a number with cache.kind sampled (tokens are drawn at one temperature), not a "
+               "schedule", config.loss.temperature)
+        _check(not config.cache.tail, "cache.tail", "false with cache.kind sampled (the "
+               "drawn tokens carry the whole distribution)", config.cache.tail)
     if not config.cache.tail:
         return
     _check(config.cache.kind == "topk", "cache.tail",

@@ -120,7 +120,9 @@ class CacheConfig:
     ensemble: list[str] | None = None
     ensemble_weights: list[float] | None = None
     dtype: Literal["float16", "bfloat16", "float32"] = "float16"  # storage of the raw logits
-    kind: Literal["dense", "topk"] = "dense"  # topk: the k largest logits per row (big heads)
+    # topk: the k largest logits per row (big heads); sampled: k tokens drawn per row from the
+    # teacher at loss.temperature, an unbiased estimate of the full teacher (cache.sampling)
+    kind: Literal["dense", "topk", "sampled"] = "dense"
     k: int = 64
     # topk: also store each row's tail, the teacher's mass outside its k slots at
     # loss.temperature (a number, not a schedule), as one more slot of the loss: no truncation

@@ -102,7 +102,7 @@ def bytes_per_row(config: Config, sizes: ModelSizes) -> int:
         return sizes.num_labels * (value + index) + 12
     if config.task == "question-answering":  # a start and an end logit per position
         return 2 * config.data.max_length * value
-    if config.cache.kind == "topk":
+    if config.cache.kind in ("topk", "sampled"):  # a sampled row: k slots, as a top-k one
         return config.cache.k * (value + index) + tail
     return sizes.num_labels * value
 

@@ -29,6 +29,7 @@ import torch
 from transformers import PreTrainedModel
 
 from kdscale.cache.format import CacheError
+from kdscale.cache.sampling import sampled_rows
 from kdscale.config import Config, ConfigError, DataConfig, StudentConfig, TeacherConfig
 from kdscale.config.model_fields import teacher_config_from_dict
 from kdscale.data import PaddingCollator, TaskData
@@ -50,11 +51,15 @@ class CacheLayout:
     masking: dict | None = None
     # topk with a tail slot: the temperature of each row's tail mass; None: no tail.
     tail_temperature: float | None = None
+    # topk rows of drawn tokens (cache.kind sampled): sampling_recipe's draws, temperature
+    # and seed; None: the largest logits.
+    sampling: dict | None = None
 
     def meta(self) -> dict:
         """The manifest fields this layout decides."""
         return {"kind": self.kind, "num_outputs": self.num_outputs, "k": self.k,
-                "masking": self.masking, "tail_temperature": self.tail_temperature}
+                "masking": self.masking, "tail_temperature": self.tail_temperature,
+                "sampling": self.sampling}
 
 
 class Task:
@@ -156,9 +161,10 @@ class Task:
 
     def cache_layout(self, config: Config, model_config) -> CacheLayout:
         cache = config.cache
-        k = cache.k if cache.kind == "topk" else None
-        return CacheLayout(cache.kind, model_config.num_labels, k, self.per_position,
-                           tail_temperature=tail_temperature(config))
+        kind = "dense" if cache.kind == "dense" else "topk"  # sampled rows are top-k rows
+        return CacheLayout(kind, model_config.num_labels, None if kind == "dense" else cache.k,
+                           self.per_position, tail_temperature=tail_temperature(config),
+                           sampling=sampling_recipe(config))
 
     def to_cache(self, label_logits: torch.Tensor, batch: dict) -> torch.Tensor:
         """Per-example label logits -> the [B, num_outputs] rows a dense cache stores."""
@@ -187,28 +193,32 @@ def full_rows(task: Task, layout: CacheLayout, outputs, batch: dict) -> torch.Te
 
 def cache_entries(task: Task, layout: CacheLayout, outputs, batch: dict) -> dict:
     """One teacher batch as shard tensors (kdscale.cache.write_shard's arguments)."""
-    logits = task.label_logits(outputs, batch).float()
+    rows = full_rows(task, layout, outputs, batch).cpu()
     ids = batch["example_id"].cpu()
+    if layout.kind == "dense":
+        return {"example_ids": ids, "logits": rows}
     if not layout.per_position:
-        rows = task.to_cache(logits, batch).cpu()
-        if layout.kind == "dense":
-            return {"example_ids": ids, "logits": rows}
-        return {"example_ids": ids, **topk_entries(rows, layout)}
-    valid = (batch["labels"] != IGNORE_INDEX).to(logits.device)
-    where = valid.nonzero().cpu()  # (example in batch, position), row-major like `rows`
-    rows = logits if logits.dim() == 2 else logits[valid]  # 2-D: the head ran on the rows
-    return {"example_ids": ids[where[:, 0]], **topk_entries(rows, layout),
-            "positions": where[:, 1], "empty_ids": ids[~valid.any(dim=1).cpu()]}
+        return {"example_ids": ids, **topk_entries(rows, layout, ids, torch.zeros_like(ids))}
+    valid = (batch["labels"] != IGNORE_INDEX).cpu()
+    where = valid.nonzero()  # (example in batch, position), row-major like `rows`
+    row_ids = ids[where[:, 0]]
+    return {"example_ids": row_ids, **topk_entries(rows, layout, row_ids, where[:, 1]),
+            "positions": where[:, 1], "empty_ids": ids[~valid.any(dim=1)]}
 
 
-def topk_entries(rows: torch.Tensor, layout: CacheLayout) -> dict[str, torch.Tensor]:
-    """The k largest logits of each row and their indices, and, for a cache with a tail
-    slot, the mass the full distribution at its temperature puts off those k."""
+def topk_entries(rows: torch.Tensor, layout: CacheLayout, example_ids: torch.Tensor,
+                 positions: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A top-k row of each row: its k largest logits and their indices (and, for a cache with
+    a tail slot, the mass the full distribution at its temperature puts off those k), or, for
+    a sampled cache, its drawn tokens (kdscale.cache.sampling)."""
+    if layout.sampling is not None:
+        return sampled_rows(rows, example_ids, positions, layout.k,
+                            layout.sampling["temperature"], layout.sampling["seed"])
     values, indices = rows.topk(layout.k, dim=-1)
-    out = {"values": values.cpu(), "indices": indices.int().cpu()}
+    out = {"values": values, "indices": indices.int()}
     if layout.tail_temperature is not None:
         probs = torch.softmax(rows / layout.tail_temperature, dim=-1)
-        out["tail"] = (1 - probs.gather(1, indices).sum(dim=-1)).clamp(0, 1).cpu()
+        out["tail"] = (1 - probs.gather(1, indices).sum(dim=-1)).clamp(0, 1)
     return out
 
 
@@ -217,6 +227,14 @@ def tail_temperature(config: Config) -> float | None:
     if not (config.cache.tail and config.cache.kind == "topk"):
         return None
     return float(config.loss.temperature)
+
+
+def sampling_recipe(config: Config) -> dict | None:
+    """How a sampled cache draws its tokens, recorded so a reader can refuse another."""
+    if config.cache.kind != "sampled":
+        return None
+    return {"draws": config.cache.k, "temperature": float(config.loss.temperature),
+            "seed": config.seed}
 
 
 def check_positions(batch: dict) -> None:

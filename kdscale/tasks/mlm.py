@@ -20,7 +20,7 @@ from kdscale.config import Config, ConfigError, DataConfig
 from kdscale.data import DataError, TaskData, fingerprint, load_raw
 from kdscale.data.batch import IGNORE_INDEX
 from kdscale.models.heads import head_on_rows
-from kdscale.tasks.base import CacheLayout, Task, tail_temperature
+from kdscale.tasks.base import CacheLayout, Task, sampling_recipe, tail_temperature
 
 RECIPE = "bert-80-10-10"  # what a chosen position becomes: [MASK], a random token, itself
 
@@ -80,13 +80,15 @@ class MaskedLM(Task):
         return TaskData(tokenized, [], fingerprint(tokenized, cfg.max_length))
 
     def cache_layout(self, config: Config, model_config) -> CacheLayout:
-        if config.cache.kind != "topk":
-            raise ConfigError(f"cache.kind: task mlm caches the teacher's top-k logits at the "
-                              f"masked positions (a dense row would be {model_config.vocab_size}"
-                              f" wide); expected topk, got {config.cache.kind!r}")
+        if config.cache.kind == "dense":
+            raise ConfigError(f"cache.kind: task mlm caches the teacher's top-k logits (or "
+                              f"sampled tokens) at the masked positions (a dense row would be "
+                              f"{model_config.vocab_size} wide); expected topk or sampled, got "
+                              f"{config.cache.kind!r}")
         return CacheLayout("topk", model_config.vocab_size, config.cache.k, self.per_position,
                            masking=masking_recipe(config),
-                           tail_temperature=tail_temperature(config))
+                           tail_temperature=tail_temperature(config),
+                           sampling=sampling_recipe(config))
 
     @torch.inference_mode()
     def metrics(self, model: torch.nn.Module, loader, data: TaskData) -> dict:

@@ -202,3 +202,26 @@ def test_the_cache_audits_its_top_k_against_the_full_teacher(cached):
     # A tail slot carries the missing mass: its loss is closer to the full teacher's.
     assert audit["topk_tail"]["loss_error"] < audit["topk"]["loss_error"]
     assert audit["topk_tail"]["grad_error"] < audit["topk"]["grad_error"]
+
+
+def test_a_sampled_cache_is_the_same_from_one_process_or_two_and_trains_a_student(experiment):
+    root, path, _ = experiment
+    teacher = ["--teacher.checkpoint", str(root / "run" / "teacher")]
+    common = ["--config", str(path), "--cache.kind", "sampled", "--loss.temperature", "2",
+              *teacher]
+    one = kdscale("cache", *common, "--cache.dir", str(root / "sampled1"), cwd=root)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = accelerate_launch("-m", "kdscale", "cache", *common, "--cache.dir",
+                            str(root / "sampled2"))
+    assert two.returncode == 0, two.stderr[-3000:]
+    shards = [[s["sha256"] for s in LogitCache(root / name).manifest.shards]
+              for name in ("sampled1", "sampled2")]
+    assert shards[0] == shards[1]
+    cache = LogitCache(root / "sampled1")
+    assert cache.manifest.sampling == {"draws": K, "temperature": 2.0, "seed": 42}
+    rows = cache.get_topk(cache.example_ids()[:4])
+    counts = torch.where(rows.indices >= 0, (rows.values.float() / 2).exp(), 0.0).sum(dim=1)
+    torch.testing.assert_close(counts, torch.full_like(counts, float(K)), rtol=1e-3, atol=1e-3)
+    student = kdscale("distill", *common, "--cache.dir", str(root / "sampled1"),
+                      "--output_dir", str(root / "sampled_student"), cwd=root)
+    assert student.returncode == 0, student.stderr[-3000:]
