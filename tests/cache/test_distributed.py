@@ -1,6 +1,7 @@
-"""`kdscale cache` over real processes: 2 ranks with a ZeRO-3 teacher, a rank killed and the
-job resumed, and one process with a replicated teacher. Every run must give the same cache,
-byte for byte (two "machines" on loopback: tests/test_launch.py's SLURM cache job)."""
+"""`kdscale cache` over real processes and machines: two "machines" on loopback (two
+`accelerate launch` invocations of 1 process each, `--num_machines 2`) holding a ZeRO-3
+teacher, a 2-process job with a rank killed and resumed, and one process with a replicated
+teacher. Each must give the one-process cache, byte for byte (docs/cache.md)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 from kdscale.cache import LogitCache, read_manifest
+from kdscale.cache.format import MANIFEST_NAME
 from kdscale.commands.demo import build_demo_tokenizer, write_demo_task
 from kdscale.data import PaddingCollator, tokenize_labelled
 from kdscale.data.batch import model_inputs
@@ -65,6 +67,17 @@ def launch_cache(config: Path, processes: int = 2, **popen) -> subprocess.Popen:
                             text=True, **popen)
 
 
+def launch_machine(config: Path, machine_rank: int, port: int) -> subprocess.Popen:
+    """What one of two machines runs: 1 process of a 2-process world, meeting the other
+    machine's process at the rendezvous machine 0 hosts (here on loopback)."""
+    command = [*LAUNCH, "--num_processes", "2", "--num_machines", "2",
+               "--machine_rank", str(machine_rank), "--main_process_ip", "127.0.0.1",
+               "--main_process_port", str(port),
+               "-m", "kdscale", "cache", "--config", str(config)]
+    return subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
 def finish(process: subprocess.Popen, timeout: int = 300) -> str:
     out, err = process.communicate(timeout=timeout)
     assert process.returncode == 0, err[-3000:]
@@ -75,19 +88,56 @@ def shard_digests(cache_dir: Path) -> list[tuple[str, str]]:
     return [(s["file"], s["sha256"]) for s in read_manifest(cache_dir).shards]
 
 
+def cache_bytes(cache_dir: Path) -> dict[str, bytes]:
+    """Every file a reader trusts: the manifest and the shards it lists (build.json, which
+    records the launch and what each process did, is the one file meant to differ)."""
+    names = [MANIFEST_NAME, *(name for name, _ in shard_digests(cache_dir))]
+    return {name: (cache_dir / name).read_bytes() for name in names}
+
+
 @pytest.fixture(scope="module")
-def two_rank_cache(experiment) -> Path:
-    config = write_config(experiment, "two_ranks")
-    finish(launch_cache(config))
-    return experiment["root"] / "two_ranks" / "cache"
+def one_process_cache(experiment) -> Path:
+    """The reference: one plain process (no launcher) with a replicated teacher."""
+    config = write_config(experiment, "one_process")
+    config_text = json.loads(config.read_text())
+    config_text["teacher"]["placement"] = "replicate"
+    config.write_text(json.dumps(config_text))
+    result = subprocess.run([sys.executable, "-m", "kdscale", "cache", "--config", str(config)],
+                            env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "teacher placement: replicate" in result.stdout
+    return experiment["root"] / "one_process" / "cache"
 
 
-def test_two_ranks_with_a_zero3_teacher(experiment, two_rank_cache):
-    cache = LogitCache(two_rank_cache)
+@pytest.fixture(scope="module")
+def two_machine_cache(experiment) -> Path:
+    """Two machines on loopback, 1 process each, sharing a ZeRO-3 teacher: each holds half of
+    its weights and gathers the other half from the other machine for every layer."""
+    config = write_config(experiment, "two_machines")
+    port = free_port()
+    machines = [launch_machine(config, rank, port) for rank in (0, 1)]
+    for machine in machines:
+        finish(machine)
+    return experiment["root"] / "two_machines" / "cache"
+
+
+def test_two_machines_write_the_one_process_cache_byte_for_byte(two_machine_cache,
+                                                                  one_process_cache):
+    ours, theirs = cache_bytes(two_machine_cache), cache_bytes(one_process_cache)
+    assert len(ours) == 1 + -(-EXAMPLES // 32)  # the manifest and the plan's shards of 32 rows
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert ours[name] == theirs[name], f"{name} differs from the one-process cache"
+    build = json.loads((two_machine_cache / "build.json").read_text())
+    assert build["world_size"] == 2  # one world over both machines, not two jobs of one
+
+
+def test_two_ranks_with_a_zero3_teacher(experiment, two_machine_cache):
+    cache = LogitCache(two_machine_cache)
     assert torch.equal(cache.example_ids(), torch.arange(EXAMPLES))  # each id exactly once
     tokenizer = build_demo_tokenizer()
     teacher = BertForSequenceClassification.from_pretrained(experiment["teacher"]).eval()
-    config = json.loads((experiment["root"] / "two_ranks.yaml").read_text())
+    config = json.loads((experiment["root"] / "two_machines.yaml").read_text())
     from kdscale.config import config_from_dict
 
     data = tokenize_labelled(config_from_dict(config).data, tokenizer, "train", ["0", "1"])
@@ -97,14 +147,16 @@ def test_two_ranks_with_a_zero3_teacher(experiment, two_rank_cache):
         expected = teacher(**model_inputs(batch)).logits
     torch.testing.assert_close(cache.get(batch["example_id"]).float(), expected,
                                atol=2e-3, rtol=1e-3)  # fp16 storage
-    build = json.loads((two_rank_cache / "build.json").read_text())
+    build = json.loads((two_machine_cache / "build.json").read_text())
     assert build["placement"] == "zero3" and build["world_size"] == 2
     for rank in build["ranks"]:  # each rank held about half of the teacher
         assert 0.4 < rank["params_held"] / build["num_params"] < 0.6
     assert sum(rank["examples"] for rank in build["ranks"]) == EXAMPLES
 
 
-def test_a_killed_rank_resumes_to_the_same_cache(experiment, two_rank_cache):
+def test_a_killed_rank_resumes_to_the_same_cache(experiment, one_process_cache):
+    """2 processes on one machine (ZeRO-3 teacher), rank 1 killed after 2 shards: the rerun
+    writes the rest, and the cache is the one-process cache."""
     config = write_config(experiment, "killed")
     cache_dir = experiment["root"] / "killed" / "cache"
     process = launch_cache(config)
@@ -121,18 +173,4 @@ def test_a_killed_rank_resumes_to_the_same_cache(experiment, two_rank_cache):
     out = finish(launch_cache(config))
     finished_before = int(out.split(" already finished")[0].rsplit(", ", 1)[1])
     assert finished_before >= 2
-    assert shard_digests(cache_dir) == shard_digests(two_rank_cache)
-
-
-def test_one_process_with_a_replicated_teacher_writes_the_same_cache(experiment,
-                                                                      two_rank_cache):
-    config = write_config(experiment, "one_process")
-    config_text = json.loads(config.read_text())
-    config_text["teacher"]["placement"] = "replicate"
-    config.write_text(json.dumps(config_text))
-    result = subprocess.run([sys.executable, "-m", "kdscale", "cache", "--config", str(config)],
-                            env=ENV, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "teacher placement: replicate" in result.stdout
-    assert shard_digests(experiment["root"] / "one_process" / "cache") == \
-        shard_digests(two_rank_cache)
+    assert shard_digests(cache_dir) == shard_digests(one_process_cache)

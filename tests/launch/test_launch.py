@@ -91,8 +91,8 @@ def experiment(quick_demo, tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def slurm_run(experiment) -> dict:
     """A distill job asked to stop (the stop file exists from the start), then the same job
-    again, which resumes: both through launch/slurm_node.sh, reading the demo's cache (a
-    two-machine cache job is tested in test_cache_distributed.py)."""
+    again, which resumes: both through launch/slurm_node.sh, reading the demo's cache (the
+    two-machine cache job is tests/cache/test_distributed.py's)."""
     config = str(experiment["config"]("slurm"))
     stop_file = experiment["root"] / "stop-4242"
     stop_file.touch()
