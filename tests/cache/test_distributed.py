@@ -154,9 +154,10 @@ def test_two_ranks_with_a_zero3_teacher(experiment, two_machine_cache):
     assert sum(rank["examples"] for rank in build["ranks"]) == EXAMPLES
 
 
-def test_a_killed_rank_resumes_to_the_same_cache(experiment, one_process_cache):
-    """2 processes on one machine (ZeRO-3 teacher), rank 1 killed after 2 shards: the rerun
-    writes the rest, and the cache is the one-process cache."""
+def test_a_killed_two_process_job_is_finished_by_one_process(experiment, one_process_cache):
+    """2 processes on one machine (ZeRO-3 teacher), rank 1 killed after 2 shards; the rerun
+    has one process (the shard plan does not depend on the number): it keeps the finished
+    shards, writes the rest, and the cache is the one-process cache."""
     config = write_config(experiment, "killed")
     cache_dir = experiment["root"] / "killed" / "cache"
     process = launch_cache(config)
@@ -170,7 +171,10 @@ def test_a_killed_rank_resumes_to_the_same_cache(experiment, one_process_cache):
     process.communicate(timeout=120)
     assert process.returncode != 0
     assert not (cache_dir / "manifest.json").exists(), "the job finished before the kill"
-    out = finish(launch_cache(config))
+    out = finish(subprocess.Popen([sys.executable, "-m", "kdscale", "cache", "--config",
+                                   str(config)], env=ENV, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True))
+    assert "1 process(es)" in out
     finished_before = int(out.split(" already finished")[0].rsplit(", ", 1)[1])
     assert finished_before >= 2
     assert shard_digests(cache_dir) == shard_digests(one_process_cache)

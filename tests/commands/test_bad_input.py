@@ -6,9 +6,6 @@ tests/support/bad_cases.py)."""
 
 from __future__ import annotations
 
-import json
-import shutil
-
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -282,24 +279,6 @@ def test_bad_input_is_refused_and_nothing_written_changes(pipe, tmp_path, monkey
     if name in LATE:
         after = {path: digest for path, digest in after.items() if path in before}
     assert changed(before, after) == []
-
-def test_world_size_change_with_the_same_global_batch_resumes_exactly(pipe, tmp_path, capsys):
-    """The data order and every step depend on the global batch alone (processes x rows per
-    process; test_trainer_distributed shows 2 x 8 following 1 x 16): a checkpoint written by
-    2 processes x 4 rows resumes on 1 process x 8 rows to the uninterrupted run's student."""
-    run = copy_tree(pipe / "run", tmp_path / "run")
-    shutil.rmtree(run / "student")
-    shutil.rmtree(run / "checkpoints" / "distill" / "step-00000002")
-    edit_launch(run, 1, processes=2, batch_size=4)
-    config = write_experiment(pipe, tmp_path / "experiment.yaml", output_dir=str(run))
-    run_command("distill", config)
-    assert "resuming from" in capsys.readouterr().out
-    resumed, uninterrupted = (load_file(r / "student" / "model.safetensors")
-                              for r in (run, pipe / "run"))
-    assert resumed.keys() == uninterrupted.keys()
-    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
-    log = json.loads((run / "student" / "training_log.json").read_text())
-    assert [r["step"] for r in log] == [1, 2]  # the history before the resume is kept
 
 def test_the_command_line_prints_the_error_without_a_traceback(pipe, tmp_path, capsys):
     from kdscale.cli import main

@@ -38,10 +38,12 @@ LAUNCH_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
 
 
 def accelerate_launch(*args, cwd: Path = REPO, config_file: str | None = None,
-                      timeout: int = 300) -> subprocess.CompletedProcess:
+                      timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`env`: variables added to the launch's environment (a stop file, say)."""
     # The cwd is the repository: accelerate configs name DeepSpeed files relative to it.
     return subprocess.run(launch_command(*args, config_file=config_file), cwd=cwd,
-                          env=LAUNCH_ENV, capture_output=True, text=True, timeout=timeout)
+                          env={**LAUNCH_ENV, **(env or {})}, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def write_config(path: Path, demo: Path, **sections) -> Path:
