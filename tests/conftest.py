@@ -94,3 +94,14 @@ def sst2():
             pytest.fail(message)
         pytest.skip(message)
     return TRAIN.parent
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The fault tests' seed, printed after any run of them (under -q too): a run that
+    passed says which faults it covered, and one that failed how to replay them."""
+    reports = [r for reports in terminalreporter.stats.values() for r in reports]
+    if any(getattr(r, "nodeid", "").startswith("tests/faults/") for r in reports):
+        from tools.faults.sample import SEED_VARIABLE, fault_seed
+
+        terminalreporter.write_line(f"fault seed {fault_seed()}: {SEED_VARIABLE}="
+                                    f"{fault_seed()} reruns these faults")

@@ -1,9 +1,10 @@
-"""Faults in CI: a few seeded faults against real 2-process jobs, each checked as the
-harness checks it (`python -m tools.faults.harness` runs many; docs/reliability.md)."""
+"""Faults in CI: one seeded fault of each kind against real 2-process jobs, checked as the
+harness checks it. The seed is the date unless KDSCALE_FAULT_SEED is set, so the faults
+rotate from day to day (tools/faults/sample.py); each failure message carries the command
+that replays it (`python -m tools.faults.harness --sample --seed N --only KIND`)."""
 
 from __future__ import annotations
 
-import random
 import resource
 
 import pytest
@@ -14,35 +15,48 @@ from kdscale.cache.format import CacheError
 from kdscale.cache.sidecar import finished_shards
 from kdscale.distributed import TIMEOUT_VARIABLE, collective_timeout
 from kdscale.errors import KdscaleError
-from tools.faults.scenarios import draw, prepare, run_fault
+from tools.faults.harness import prepare_sample, run_pick
+from tools.faults.inject import KINDS
+from tools.faults.sample import fault_seed, replay_command, sample
 
 TIMEOUT_S = 5  # the jobs' collective timeout: how long a hung rank may stall the others
-SEED = 0
+SEED = fault_seed()
+PICKS = {pick.kind: pick for pick in sample(SEED)}
 
 
 @pytest.fixture(scope="module")
-def cache_job(tmp_path_factory):
-    return prepare("cache", tmp_path_factory.mktemp("faults"), TIMEOUT_S)
+def jobs(tmp_path_factory):
+    """The experiment, the uninterrupted cache and student, shared by the five faults."""
+    jobs = {pick.job for pick in PICKS.values()}
+    return prepare_sample(tmp_path_factory.mktemp("faults"), TIMEOUT_S, jobs)
 
 
-def test_a_hung_rank_fails_the_cache_job_clearly_and_the_rerun_matches(cache_job):
-    outcome = run_fault(cache_job, draw(cache_job, random.Random(SEED), "hung_rank"), "hung")
-    assert outcome["injected"], outcome
-    # The other rank gives up within the timeout with a message that says why, unless the
-    # stopped rank had nothing left to wait for.
-    assert outcome["message"] or outcome["finished_first"], outcome
-    assert outcome["seconds_to_end"] < TIMEOUT_S + 60, outcome
-    assert outcome["survived"], outcome  # the cache of an uninterrupted run, byte for byte
-    assert (outcome["lost"], outcome["duplicates"], outcome["corrupt"]) == (0, 0, 0), outcome
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_sampled_fault_is_survived(jobs, kind):
+    pick = PICKS[kind]
+    outcome = run_pick(jobs[pick.job], pick, SEED)
+    said = (f"seed {SEED}: {kind} on the {pick.job} job; replay: "
+            f"{replay_command(SEED, kind, TIMEOUT_S)}\n{outcome}")
+    print(said)
+    assert outcome["injected"], said
+    assert outcome["survived"], said  # the uninterrupted cache or student, byte for byte
+    assert (outcome["lost"], outcome["duplicates"], outcome["corrupt"]) == (0, 0, 0), said
+    if pick.early:  # in start-up: nothing was written, nothing is trusted
+        assert (outcome["files_at_fault"], outcome["kept"]) == (0, 0), said
+    if kind == "hung_rank":  # the other rank names the hung one, unless it had finished
+        assert outcome["message"] or outcome["finished_first"], said
+    if kind == "sigterm" and pick.job == "distill" and outcome["message"]:
+        # stopped inside the loop: it saved where it stood, and the rerun resumed there
+        assert outcome["resumed_from"] == outcome["kept"] > 0, said
 
 
-def test_sigterm_checkpoints_and_the_rerun_trains_the_same_student(cache_job):
-    distill_job = prepare("distill", cache_job.root, TIMEOUT_S)
-    outcome = run_fault(distill_job, draw(distill_job, random.Random(SEED), "sigterm"), "term")
-    assert outcome["injected"], outcome
-    if outcome["message"]:  # stopped inside the loop: it saved where it stood, and resumed
-        assert outcome["resumed_from"] == outcome["kept"] > 0, outcome
-    assert outcome["survived"], outcome  # same losses, same weights, no checkpoint misread
+def test_every_sample_has_each_kind_an_early_kill_and_both_jobs():
+    for seed in (0, 1, SEED):
+        picks = sample(seed)
+        assert [p.kind for p in picks] == list(KINDS)
+        assert sum(p.early for p in picks) == 1
+        assert next(p for p in picks if p.early).kind in ("kill_rank", "kill_job")
+        assert sorted(p.job for p in picks) == ["cache"] * 3 + ["distill"] * 2
 
 
 def test_a_full_disk_fails_a_shard_write_clearly_and_leaves_nothing_trusted(tmp_path):

@@ -114,27 +114,41 @@ class Fault:
     after_files: int  # trigger: this many shard sidecars / checkpoint directories seen
     delay_s: float  # then this long
     limit_bytes: int = 0  # disk_full: the victim's file size limit
+    early: bool = False  # trigger: the victim's worker started (in its imports), no file yet
 
     @classmethod
-    def draw(cls, rng: random.Random, kind: str, files: int, file_bytes: int) -> Fault:
-        after = rng.randrange(files)
+    def draw(cls, rng: random.Random, kind: str, files: int, file_bytes: int,
+             early: bool = False) -> Fault:
+        after = 0 if early else rng.randrange(files)
         # Files appear milliseconds apart once the work starts; before the first one, the
-        # start-up (imports, process group, tokenizing, loading) takes seconds.
-        delay = rng.uniform(0.0, 10.0) if after == 0 else rng.uniform(0.0, 0.05)
+        # start-up (imports, process group, tokenizing, loading) takes seconds. An early
+        # fault waits for the worker, then under a second: a worker spends longer than that
+        # importing torch, so it lands before the job's first file.
+        if early:
+            delay = rng.uniform(0.0, 1.0)
+        else:
+            delay = rng.uniform(0.0, 10.0) if after == 0 else rng.uniform(0.0, 0.05)
         return cls(kind, rank=rng.randrange(2), after_files=after, delay_s=round(delay, 3),
-                   limit_bytes=rng.randrange(1, file_bytes))
+                   limit_bytes=rng.randrange(1, file_bytes), early=early)
 
 
 def wait_for_trigger(job: Job, fault: Fault, seen_files, deadline_s: float = 300) -> bool:
-    """Waits for `fault.after_files` files (counted by `seen_files()`), then the delay.
-    False when the job ended first (the fault then lands on nothing)."""
+    """Waits for `fault.after_files` files (counted by `seen_files()`), or for an early
+    fault's victim to start, then the delay. False when the job ended first (the fault then
+    lands on nothing)."""
     end = time.monotonic() + deadline_s
-    while seen_files() < fault.after_files and time.monotonic() < end:
+    while not _triggered(job, fault, seen_files) and time.monotonic() < end:
         if job.process.poll() is not None:
             return False
         time.sleep(0.01)
     time.sleep(fault.delay_s)
     return job.process.poll() is None
+
+
+def _triggered(job: Job, fault: Fault, seen_files) -> bool:
+    if fault.early:
+        return worker(job, fault.rank) is not None
+    return seen_files() >= fault.after_files
 
 
 def deliver(job: Job, fault: Fault) -> bool:

@@ -32,12 +32,14 @@ def build_pipeline(root: Path) -> Path:
     return root / "teacher"
 
 
-def write_experiment(root: Path, run: Path, cache: Path, keep: int = 2) -> Path:
+def write_experiment(root: Path, run: Path, cache: Path, keep: int = 2,
+                     placement: str = "replicate") -> Path:
     """The experiment of one job: outputs under `run`, logits in `cache` (a distill job
-    reads a finished cache; a cache job writes it). `keep`: checkpoints kept."""
+    reads a finished cache; a cache job writes it). `keep`: checkpoints kept; `placement`:
+    how a cache job's processes hold the teacher (replicated, or ZeRO-3 shards)."""
     config = {
         "output_dir": str(run), "seed": 0,
-        "teacher": {"checkpoint": str(root / "teacher"), "placement": "replicate"},
+        "teacher": {"checkpoint": str(root / "teacher"), "placement": placement},
         "student": {"layers": [0], "dropout": 0.0},
         "data": {"train_file": str(root / "data" / "train.jsonl"),
                  "eval_file": str(root / "data" / "dev.jsonl"), "max_length": 64},

@@ -45,6 +45,7 @@ class Context:
     root: Path
     reference: Reference
     timeout_s: float  # KDSCALE_COLLECTIVE_TIMEOUT of the jobs a rank is stopped in
+    placement: str = "replicate"  # teacher.placement of the faulted cache jobs
 
     @property
     def files(self) -> int:
@@ -52,9 +53,11 @@ class Context:
         return len(self.reference.shards) if self.job == "cache" else STEPS // CHECKPOINT_EVERY
 
 
-def prepare(job: str, root: Path, timeout_s: float) -> Context:
-    """The experiment and the uninterrupted runs: the cache by one process (its bytes do not
-    depend on the world size), the student by the same 2-process launch the faults hit."""
+def prepare(job: str, root: Path, timeout_s: float, placement: str = "replicate") -> Context:
+    """The experiment and the uninterrupted runs: the cache by one process with a replicated
+    teacher (its bytes depend on neither the world size nor the placement, so a faulted job
+    of `placement` must still give them), the student by the same 2-process launch the
+    faults hit."""
     config = write_experiment(root, root / "reference", root / "reference" / "cache")
     if not (root / "reference" / "cache" / MANIFEST_NAME).is_file():  # else: built already
         build_pipeline(root)
@@ -69,15 +72,15 @@ def prepare(job: str, root: Path, timeout_s: float) -> Context:
         run = launch("distill", config)
         assert run.wait(300) == 0, run.output[-3000:]
         reference = distill_reference(reference, root / "reference")
-    return Context(job, root, reference, timeout_s)
+    return Context(job, root, reference, timeout_s, placement)
 
 
-def draw(ctx: Context, rng, kind: str) -> Fault:
+def draw(ctx: Context, rng, kind: str, early: bool = False) -> Fault:
     if ctx.job == "cache":
         size = min(int(x) for x in _shard_sizes(ctx))
     else:
         size = (ctx.root / "reference" / "student" / "model.safetensors").stat().st_size
-    return Fault.draw(rng, kind, ctx.files, size)
+    return Fault.draw(rng, kind, ctx.files, size, early)
 
 
 def _shard_sizes(ctx: Context):
@@ -88,7 +91,7 @@ def _shard_sizes(ctx: Context):
 def run_fault(ctx: Context, fault: Fault, name: str) -> dict:
     run = ctx.root / "faults" / name
     cache = run / "cache" if ctx.job == "cache" else ctx.root / "reference" / "cache"
-    config = write_experiment(ctx.root, run, cache)
+    config = write_experiment(ctx.root, run, cache, placement=ctx.placement)
     watched, pattern = (cache, "shard-*.json") if ctx.job == "cache" else \
         (run / "checkpoints" / "distill", "step-*")
     job = launch(ctx.job, config, ctx.timeout_s if fault.kind == "hung_rank" else None)
@@ -117,6 +120,7 @@ def _counter(directory: Path, pattern: str):
 
 def _inflict(job: Job, fault: Fault, count, timeout_s: float) -> dict:
     landed = wait_for_trigger(job, fault, count) and deliver(job, fault)
+    files_at_fault = count()  # 0: the fault landed in start-up, before the first file
     start = time.monotonic()
     if fault.kind == "hung_rank":  # the stopped rank never ends by itself: wait for the error
         while TIMEOUT_TEXT not in job.output and time.monotonic() - start < timeout_s + 120:
@@ -129,7 +133,8 @@ def _inflict(job: Job, fault: Fault, count, timeout_s: float) -> dict:
     error_s = round(time.monotonic() - start, 2)
     job.kill()  # whatever is left: the stopped rank, or a job that hangs (then noted)
     message = re.search(MESSAGES.get(fault.kind, "^$"), job.output) is not None
-    return {"injected": landed, "job_status": status, "seconds_to_end": error_s,
+    return {"injected": landed, "files_at_fault": files_at_fault, "job_status": status,
+            "seconds_to_end": error_s,
             "message": message if fault.kind in MESSAGES else None,
             "job_output_tail": None if landed else job.output[-800:]}
 
