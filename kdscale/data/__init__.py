@@ -4,12 +4,15 @@ from kdscale.data.loaders import LengthGroupedBatchSampler, PaddingCollator, mak
 from kdscale.data.sources import DataError, check_sources, label_names_of, load_raw
 from kdscale.data.tokenize import (
     MODEL_COLUMNS,
+    SAMPLE_ROWS,
     TaskData,
+    check_rows_readable,
     check_unknown_rate,
     fingerprint,
     tokenize_labelled,
 )
 
-__all__ = ["MODEL_COLUMNS", "DataError", "LengthGroupedBatchSampler", "PaddingCollator",
-           "TaskData", "check_sources", "check_unknown_rate", "fingerprint", "label_names_of",
+__all__ = ["MODEL_COLUMNS", "SAMPLE_ROWS", "DataError", "LengthGroupedBatchSampler",
+           "PaddingCollator", "TaskData", "check_rows_readable", "check_sources",
+           "check_unknown_rate", "fingerprint", "label_names_of",
            "load_raw", "make_loader", "tokenize_labelled"]

@@ -4,6 +4,8 @@ examples (ids, tokens, labels): a cache refuses data it was not built from."""
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 from dataclasses import dataclass
 
 import datasets
@@ -16,6 +18,7 @@ from kdscale.data.sources import DataError, label_names_of, load_raw
 # WordPiece vocabulary on English text); one without its vocabulary files leaves nearly all.
 UNKNOWN_SHARE_LIMIT = 0.5
 SAMPLE_ROWS = 256
+DEFAULT_LABEL = re.compile(r"LABEL_\d+")  # transformers' name for output i without id2label
 MODEL_COLUMNS = ["input_ids", "attention_mask", "token_type_ids", "labels", "example_id"]
 
 
@@ -83,12 +86,26 @@ def tokenize_labelled(cfg: DataConfig, tokenizer, split: str,
 
     unknown = set(map(str, raw.unique(cfg.label_column))) - set(label_names)
     if not is_class_label and unknown:
-        raise DataError(f"data.label_column: {split} labels {sorted(unknown)} are not among "
-                        f"the training labels {label_names}")
+        raise DataError(_unknown_labels(split, sorted(unknown), label_names))
     keep = {"example_id"}
     tokenized = raw.map(tokenize, batched=True, desc=f"tokenizing {split}",
                         remove_columns=[c for c in raw.column_names if c not in keep])
     return TaskData(tokenized, label_names, fingerprint(tokenized, cfg.max_length))
+
+
+def _unknown_labels(split: str, unknown: list[str], label_names: list[str]) -> str:
+    if not all(DEFAULT_LABEL.fullmatch(name) for name in label_names):
+        return (f"data.label_column: {split} labels {unknown} are not among the training "
+                f"labels {label_names}")
+    # LABEL_0, LABEL_1, ...: a model saved without id2label (a Trainer script that set
+    # num_labels alone). Which output means which class is not recorded: not guessed here.
+    example = {str(i): name for i, name in enumerate(sorted(unknown)[:len(label_names)])}
+    return (f"data.label_column: {split} labels {unknown[:5]} are not the model's labels "
+            f"{label_names}, the names transformers gives a model saved without id2label. "
+            f"Set \"id2label\" in the model's config.json to the class each output was trained "
+            f"on (e.g. {json.dumps(example)} if output i learned the i-th sorted label, as "
+            f"run_glue numbers them) and \"label2id\" to its inverse; when fine-tuning, pass "
+            f"id2label= and label2id= to from_pretrained with num_labels")
 
 
 def _check_texts(batch: dict, cfg: DataConfig) -> None:
@@ -157,6 +174,15 @@ def check_unknown_rate(data: TaskData, tokenizer, where: str) -> None:
         DataError: when more than `UNKNOWN_SHARE_LIMIT` of the sampled tokens are unknown.
     """
     rows = data.dataset.select(range(min(SAMPLE_ROWS, len(data.dataset))))["input_ids"]
+    check_rows_readable(rows, tokenizer, where)
+
+
+def check_rows_readable(rows: list[list[int]], tokenizer, where: str) -> None:
+    """`check_unknown_rate` on token rows tokenized elsewhere (a Trainer script's).
+
+    Raises:
+        DataError: when more than `UNKNOWN_SHARE_LIMIT` of the rows' tokens are unknown.
+    """
     share, tokens = unknown_share(rows, tokenizer)
     if share > UNKNOWN_SHARE_LIMIT:
         raise DataError(f"{where}: {share:.0%} of the {tokens} tokens in the first {len(rows)} "

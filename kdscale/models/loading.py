@@ -100,6 +100,12 @@ def check_inputs_fit(config, tokenizer, max_length: int, what: str) -> None:
     if positions is not None and max_length > positions:
         raise ConfigError(f"data.max_length: expected at most {positions}, the positions "
                           f"{what} has (max_position_embeddings), got {max_length}")
+    check_vocabulary(config, tokenizer, what)
+
+
+def check_vocabulary(config, tokenizer, what: str) -> None:
+    """The tokenizer is the one the model was trained with, as far as sizes tell: not far
+    smaller than its embedding table (vocabulary files missing), and never larger."""
     vocab = getattr(config, "vocab_size", None)
     if vocab is not None and len(tokenizer) < vocab // 2:
         raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but {what} embeds "

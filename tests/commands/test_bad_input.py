@@ -33,6 +33,7 @@ from tests.support.bad_cases import (
     overrides,
     pretrained_student,
     sections,
+    teacher_without_label_names,
     teacher_without_tokenizer,
     tokenizer_of_other_words,
     truncated_teacher,
@@ -140,6 +141,23 @@ CASES = {
     "tokenizer of other words (finetune)": Case(
         "finetune", tokenizer_of_other_words,
         "100% of the 693 tokens in the first"),
+    "teacher saved without id2label (cache)": Case(
+        "cache", teacher_without_label_names({"cache": {"dir": "elsewhere"}}),
+        "data.label_column: train labels ['0', '1'] are not the model's labels ['LABEL_0', "
+        "'LABEL_1'], the names transformers gives a model saved without id2label. Set "
+        "\"id2label\" in the model's config.json to the class each output was trained on (e.g. "
+        "{{\"0\": \"0\", \"1\": \"1\"}} if output i learned the i-th sorted label"),
+    "teacher saved without id2label (distill)": Case(
+        "distill", teacher_without_label_names(),
+        "are not the model's labels ['LABEL_0', 'LABEL_1'], the names transformers gives"),
+    "teacher saved without id2label (eval)": Case(
+        "eval", teacher_without_label_names(), "pass id2label= and label2id= to from_pretrained"),
+    "teacher saved without id2label, labels named": Case(
+        "cache", teacher_without_label_names({"cache": {"dir": "elsewhere"}, "data": lambda tmp: (
+            (tmp / "named.jsonl").write_text('{"sentence": "a good plot", "label": "pos"}\n'
+                                             '{"sentence": "a bad cast", "label": "neg"}\n'),
+            {"train_file": str(tmp / "named.jsonl")})[1]}),
+        "train labels ['neg', 'pos'] are not the model's labels ['LABEL_0', 'LABEL_1']"),
     "student of another vocab": Case("distill", pretrained_student,
                                      "has a vocabulary of 50 tokens, the teacher 114"),
     "student of NaN weights (eval)": Case("eval", lambda p, tmp: ({"output_dir": str(

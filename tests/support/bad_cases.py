@@ -129,6 +129,22 @@ def teacher_without_tokenizer(command_sections=None):
     return setup
 
 
+def teacher_without_label_names(command_sections=None):
+    """The teacher as a Trainer script saves it when it sets num_labels alone: transformers
+    names its outputs LABEL_0, LABEL_1 and leaves id2label out of config.json."""
+    def unnamed(model):
+        model.config.id2label = {0: "LABEL_0", 1: "LABEL_1"}
+        model.config.label2id = {"LABEL_0": 0, "LABEL_1": 1}
+
+    def setup(p, tmp):
+        teacher = resave_teacher(p / "teacher", tmp / "unnamed", unnamed)
+        assert "id2label" not in (teacher / "config.json").read_text()
+        sections = {key: value(tmp) if callable(value) else value
+                    for key, value in (command_sections or {}).items()}
+        return {"teacher": {"checkpoint": str(teacher)}, **sections}, []
+    return setup
+
+
 def tokenizer_of_other_words(p, tmp):
     """A tokenizer as large as the teacher's vocabulary whose words are not the data's."""
     from kdscale.commands.demo import demo_vocabulary, word_level_tokenizer
