@@ -51,6 +51,9 @@ def _add_env_arguments(sub: argparse.ArgumentParser) -> None:
 
 def run(command: str, config) -> None:
     # Imported per command: `kdscale --help` should not wait for torch and transformers.
+    from kdscale.distributed import warn_if_processes_lost
+
+    warn_if_processes_lost()
     if command == "finetune":
         from kdscale.commands.finetune import run_finetune as run_command
     elif command == "cache":

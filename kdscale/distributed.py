@@ -9,6 +9,7 @@ Machines without CUDA have no NCCL, and Accelerate needs to be told what to use 
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from datetime import timedelta
@@ -18,10 +19,40 @@ from accelerate import Accelerator, PartialState
 
 from kdscale.errors import KdscaleError
 
+logger = logging.getLogger("kdscale")
+# What a launcher that starts N processes tells each of them (torchrun, MPI implementations).
+WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
 
 def launched_distributed() -> bool:
     """Started by a launcher with more than one process (`accelerate launch`, torchrun)."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def processes_lost() -> str | None:
+    """A warning for a launch that asked for several processes and started one, else None.
+
+    `accelerate launch --num_processes N` without `--multi_gpu`, on a machine without several
+    GPUs (where accelerate does not add it), runs the script once, alone, without a word. Its
+    simple launcher still exports MASTER_ADDR, which it sets only for N > 1 or several
+    machines, and no process count: that pair is the sign."""
+    under_accelerate = "ACCELERATE_MIXED_PRECISION" in os.environ  # set by every launcher
+    if not under_accelerate or "MASTER_ADDR" not in os.environ:
+        return None
+    if any(name in os.environ for name in WORLD_SIZE_VARIABLES):
+        return None
+    cpu = os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true", "yes")
+    fix = "replace --cpu with --multi_gpu" if cpu else "add --multi_gpu"
+    return (f"accelerate launch was asked for several processes (--num_processes or "
+            f"--num_machines above 1) but started this one alone, as it does without "
+            f"--multi_gpu on a machine without several GPUs: {fix} to train with all of them")
+
+
+def warn_if_processes_lost() -> None:
+    """Logs `processes_lost()`'s warning, where there is one."""
+    message = processes_lost()
+    if message:
+        logger.warning(message)
 
 
 def uses_deepspeed() -> bool:

@@ -93,7 +93,10 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name
                                               or model_args.model_name_or_path)
     model = AutoModelForSequenceClassification.from_pretrained(
-        model_args.model_name_or_path, num_labels=len(labels))
+        model_args.model_name_or_path, num_labels=len(labels),
+        # Saved in config.json: which output is which class, for whoever reads the model next.
+        id2label={i: str(label) for i, label in enumerate(labels)},
+        label2id={str(label): i for i, label in enumerate(labels)})
     with training_args.main_process_first(desc="tokenizing"):
         train_dataset = tokenize(train, tokenizer, data_args, label_ids)
         eval_dataset = None

@@ -297,13 +297,18 @@ class LogitCache:
 
     # -- checks --------------------------------------------------------------------------------
 
-    def verify(self) -> None:
+    def verify(self, echo=None, skip_with: str = "set cache.verify false") -> None:
         """Reads every shard: its sha256 against the manifest's, and finite values.
+
+        Args:
+            echo: called with one line saying what was read and how long it took; None: quiet.
+            skip_with: the setting that skips this check, as the error names it.
 
         Raises:
             CacheError: naming each damaged shard and the command that rewrites it.
         """
-        verify_cache(self.directory, self._manifest, echo=lambda line: None)
+        verify_cache(self.directory, self._manifest, echo=echo or (lambda line: None),
+                     skip_with=skip_with)
 
     def check_compatible(self, *, data_fingerprint: str | None = None,
                          teacher_sha256: str | None = None, tokenizer_sha256: str | None = None,

@@ -69,17 +69,19 @@ def _shard_problem(path: Path, shard: dict) -> str | None:
     return None
 
 
-def verify_cache(directory: Path, manifest: CacheManifest, echo=print) -> None:
-    """Raise a CacheError naming every damaged shard and the command that repairs it; print
-    what was read and how long it took."""
+def verify_cache(directory: Path, manifest: CacheManifest, echo=print,
+                 skip_with: str = "set cache.verify false") -> None:
+    """Raise a CacheError naming every damaged shard and the command that repairs it (and
+    `skip_with`, the setting that skips this check where it runs); print what was read and how
+    long it took."""
     start = time.perf_counter()
     damaged = damaged_shards(directory, manifest)
     size = sum(s["bytes"] for s in manifest.shards)
     if damaged:
         shown = "; ".join(f"{manifest.shards[i]['file']}: {why}" for i, why in damaged.items())
         raise CacheError(f"cache {directory}: {len(damaged)} damaged shard(s) ({shown}). "
-                         f"`kdscale cache` with this config rewrites just those (or set "
-                         f"cache.verify false to skip this check)")
+                         f"`kdscale cache` with this config rewrites just those (or "
+                         f"{skip_with} to skip this check)")
     echo(f"cache {directory} verified: {len(manifest.shards)} shards, {size / 2**20:.1f} MiB "
          f"in {time.perf_counter() - start:.2f} s")
 

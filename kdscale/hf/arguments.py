@@ -19,8 +19,17 @@ from typing import Literal
 from transformers import TrainingArguments
 
 from kdscale.config import ConfigError, LossConfig, TeacherConfig
+from kdscale.errors import print_errors_in_one_line
+from kdscale.hf.inputs import check_cache_folder
 
 INTERMEDIATE = ("kd_hidden_mse", "kd_hidden_cosine", "kd_attention_kl")
+# flag: (its range, for a finite number; what the error says was expected)
+NUMBERS = {
+    "kd_temperature": (lambda t: t > 0, "a finite number > 0 (the softmax temperature T)"),
+    "kd_alpha": (lambda a: 0 <= a <= 1, "a number in [0, 1] (the weight of the soft term; "
+                                        "1 - alpha weighs the cross-entropy)"),
+    **{name: (lambda w: w >= 0, "a finite number >= 0 (a loss weight)") for name in INTERMEDIATE},
+}
 
 
 @dataclass
@@ -32,12 +41,17 @@ class DistillationArguments:
     runs. Each field's `help` says what it does; values are checked when parsed.
 
     Raises:
-        ConfigError: two teacher sources, or a value out of range, naming the flag.
+        ConfigError: two teacher sources, a value out of range, or a --kd_cache that is not a
+            kdscale cache, naming the flag, the value and what was expected.
     """
 
     kd_cache: str | None = field(default=None, metadata={
         "help": "Teacher logits from a cache written by `kdscale cache` over the same training "
                 "file (its example ids are the file's row numbers). Give this or --kd_teacher."})
+    kd_cache_verify: bool = field(default=True, metadata={
+        "help": "Before the first step, read every shard of --kd_cache once: sha256 against its "
+                "manifest, and finite values (as `kdscale distill` does with cache.verify). "
+                "false skips it."})
     kd_teacher: str | None = field(default=None, metadata={
         "help": "A fine-tuned teacher (a save_pretrained directory) run beside the student at "
                 "every step; needed by the hidden-state and attention losses."})
@@ -65,19 +79,21 @@ class DistillationArguments:
                 "JSON such as '{\"0\": 1, \"1\": 3}'."})
 
     def __post_init__(self) -> None:
+        print_errors_in_one_line()  # a bad flag ends the user's script with one line
         if self.kd_cache and self.kd_teacher:
             raise ConfigError(f"--kd_cache and --kd_teacher: give one teacher source, got the "
                                f"cache {self.kd_cache} and the teacher {self.kd_teacher}")
-        if not (math.isfinite(self.kd_temperature) and self.kd_temperature > 0):
-            raise ConfigError(f"--kd_temperature: expected a number > 0, got "
-                               f"{self.kd_temperature}")
-        if not 0 <= self.kd_alpha <= 1:
-            raise ConfigError(f"--kd_alpha: expected a number in [0, 1], got {self.kd_alpha}")
-        for name in INTERMEDIATE:
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise ConfigError(f"--{name}: expected a number >= 0, got {value}")
+        self._check_numbers()
         self.layer_map()  # a malformed map fails at parse time, not at the first step
+        if self.kd_cache:  # before the script spends minutes loading models
+            check_cache_folder(self.kd_cache)
+
+    def _check_numbers(self) -> None:
+        for name, (in_range, expected) in NUMBERS.items():
+            value = getattr(self, name)
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            if not (number and math.isfinite(value) and in_range(value)):
+                raise ConfigError(f"--{name}: expected {expected}, got {value!r}")
 
     def layer_map(self) -> dict | str:
         """`--kd_layer_map` parsed: "uniform", or the JSON object as parsed.
@@ -94,6 +110,9 @@ class DistillationArguments:
         if not isinstance(mapping, dict) or not mapping:
             raise ConfigError(f"--kd_layer_map: expected 'uniform' or a JSON object "
                                f"{{\"student layer\": teacher layer}}, got {self.kd_layer_map!r}")
+        if not all(_is_layer_index(i) for pair in mapping.items() for i in pair):
+            raise ConfigError(f"--kd_layer_map: expected layer indices (integers >= 0) on both "
+                               f"sides, got {self.kd_layer_map!r}")
         return mapping
 
     @property
@@ -112,6 +131,13 @@ class DistillationArguments:
         return TeacherConfig(checkpoint=checkpoint, placement=self.kd_teacher_placement,
                              precision=self.kd_teacher_precision,
                              deepspeed_config=self.kd_teacher_deepspeed)
+
+
+def _is_layer_index(value: object) -> bool:
+    """0, 1, ... or its string (a JSON key is always a string)."""
+    if isinstance(value, str):
+        return value.isascii() and value.strip().isdigit()
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 @dataclass

@@ -19,8 +19,8 @@ from transformers.integrations import deepspeed as hf_deepspeed
 from kdscale.cache import LogitCache
 from kdscale.config import Config
 from kdscale.data.tokenize import tokenized_fingerprint
-from kdscale.distributed import launched_distributed, uses_deepspeed
-from kdscale.errors import KdscaleError
+from kdscale.distributed import launched_distributed, uses_deepspeed, warn_if_processes_lost
+from kdscale.errors import KdscaleError, print_errors_in_one_line
 from kdscale.hf.arguments import DistillationArguments
 from kdscale.models import count_parameters
 from kdscale.teacher import TeacherRunner, load_runner
@@ -29,6 +29,16 @@ ID_COLUMN = "example_id"  # the cache's key: a row's position in the training fi
 LABEL_COLUMNS = ("labels", "label", "label_ids")
 _ID_HOWTO = (f"add an {ID_COLUMN!r} column holding each row's position in the training file, "
              f"the ids `kdscale cache` gives the rows it caches")
+
+
+def settle_launch(args) -> None:
+    """What the Trainer's Accelerator must find settled: this process's place among the
+    launched ones (and the DeepSpeed values that depend on their number), a warning when the
+    launch started fewer processes than asked, and kdscale's errors printed as one line."""
+    print_errors_in_one_line()
+    join_cpu_processes(args)
+    check_deepspeed_values(args)
+    warn_if_processes_lost()
 
 
 def join_cpu_processes(args) -> None:
@@ -51,6 +61,37 @@ def join_cpu_processes(args) -> None:
             PartialState(backend="gloo")
     else:
         PartialState(cpu=True, backend="gloo")
+    resolve_deepspeed_config(args)
+
+
+def resolve_deepspeed_config(args) -> None:
+    """Fills the `--deepspeed` JSON's "auto" values again, for the processes now counted.
+
+    `TrainingArguments` fills them when it is built, with the processes Accelerate counted
+    then: one, before the CPU processes are joined. `"train_batch_size": "auto"` became one
+    process's batch, and DeepSpeed would refuse it for N. Filled as transformers fills them
+    (a fresh config from the user's file or dict), with its plugin."""
+    if getattr(args, "hf_deepspeed_config", None) is None:
+        return
+    from accelerate.utils import DeepSpeedPlugin
+
+    args.hf_deepspeed_config = hf_deepspeed.HfTrainerDeepSpeedConfig(args.deepspeed)
+    args.hf_deepspeed_config.trainer_config_process(args)
+    args.deepspeed_plugin = DeepSpeedPlugin(hf_ds_config=args.hf_deepspeed_config)
+
+
+def check_deepspeed_values(args) -> None:
+    """A `--deepspeed` value that is not "auto" and contradicts the training arguments (a
+    batch size written for another number of processes) is refused before any step, naming
+    both; transformers would stop on it at the first `train()` call, with a traceback."""
+    config = getattr(args, "hf_deepspeed_config", None)
+    mismatches = getattr(config, "mismatches", None)
+    if not mismatches:
+        return
+    name = args.deepspeed if isinstance(args.deepspeed, str) else "(a dict)"
+    found = "; ".join(m.removeprefix("- ") for m in mismatches)
+    raise KdscaleError(f"--deepspeed {name}: values that contradict the training arguments "
+                       f"({found}); expected \"auto\" (the arguments' value) or equal values")
 
 
 @contextlib.contextmanager

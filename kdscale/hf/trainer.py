@@ -30,13 +30,14 @@ from kdscale.data.batch import IGNORE_INDEX, model_inputs, valid_rows
 from kdscale.distributed import reduce_sum
 from kdscale.errors import KdscaleError
 from kdscale.hf.arguments import DistillationArguments, DistillationTrainingArguments
+from kdscale.hf.inputs import check_tokenizer
 from kdscale.hf.setup import (
     ID_COLUMN,
     check_cache,
     check_labels,
     check_teacher,
-    join_cpu_processes,
     load_teacher,
+    settle_launch,
     teacher_config_of,
     with_example_ids,
 )
@@ -79,11 +80,12 @@ class DistillationTrainer(Trainer):
     def __init__(self, model: nn.Module | None = None, args=None, *trainer_args,
                  kd_args: DistillationArguments | None = None,
                  teacher: str | nn.Module | None = None, **trainer_kwargs):
-        join_cpu_processes(args)  # before the Trainer builds its Accelerator
+        settle_launch(args)  # before the Trainer builds its Accelerator
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
         self.kd = _settings(kd_args, self.args)
         source = self._teacher_source(teacher)
         check_labels(self.train_dataset, self.model.config.num_labels)
+        check_tokenizer(self.processing_class, self.model.config, self.train_dataset)
         self.cache = self._open_cache() if self.kd.kd_cache else None
         self.teacher = self._start_teacher(source) if source is not None else None
         self.intermediate = None
@@ -115,6 +117,8 @@ class DistillationTrainer(Trainer):
                                "the teacher's hidden states: run it live with --kd_teacher; a "
                                "cache holds logits only")
         cache = LogitCache(self.kd.kd_cache)
+        if self.kd.kd_cache_verify:  # a damaged shard found at its batch would stop the run late
+            cache.verify(echo=PartialState().print, skip_with="pass --kd_cache_verify false")
         if self.train_dataset is not None:
             self.train_dataset = with_example_ids(self.train_dataset)
             check_cache(cache, self.train_dataset, self.model.config.num_labels)

@@ -80,6 +80,22 @@ def test_the_stock_script_trains_without_distillation(task, one_process, tmp_pat
     assert logs[0]["loss"] == pytest.approx(train_logs(one_process)[0]["kd_hard"], rel=1e-4)
 
 
+def test_the_stock_script_saves_its_label_names(task, tmp_path):
+    """A model that starts without id2label (transformers would save LABEL_0, LABEL_1, which
+    `kdscale cache` cannot match to the data) leaves the script with the data's label names."""
+    unnamed = AutoModelForSequenceClassification.from_pretrained(task.student)
+    unnamed.config.id2label = {0: "LABEL_0", 1: "LABEL_1"}
+    unnamed.config.label2id = {"LABEL_0": 0, "LABEL_1": 1}
+    unnamed.save_pretrained(tmp_path / "unnamed")
+    assert "id2label" not in (tmp_path / "unnamed" / "config.json").read_text()
+    run_script("run_glue.py", script_args(task, tmp_path / "out", "--model_name_or_path",
+                                          str(tmp_path / "unnamed"), "--tokenizer_name",
+                                          str(task.student), steps=1))
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert saved["id2label"] == {"0": "0", "1": "1"}
+    assert saved["label2id"] == {"0": 0, "1": 1}
+
+
 @pytest.mark.parametrize("stage, teacher, batch, accumulation", [
     ("ddp", "replicate", 8, 1),  # plain DDP over gloo, a teacher copy per process
     ("zero2", "cache", 4, 2),  # 2 processes x 4 rows x 2 accumulation = 16 rows
@@ -111,3 +127,55 @@ def test_two_processes_follow_the_one_process_run(task, one_process, tmp_path, s
     assert len(load_file(tmp_path / "model.safetensors")) == len(reference)
     for name, weight in reference.items():
         torch.testing.assert_close(saved[name], weight, rtol=1e-2, atol=1e-3)
+
+
+def deepspeed_json(tmp_path: Path, train_batch_size) -> Path:
+    """configs/deepspeed/zero2.json with a train_batch_size, as Hugging Face examples write it."""
+    config = json.loads((REPO / "configs" / "deepspeed" / "zero2.json").read_text())
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({**config, "train_batch_size": train_batch_size}))
+    return path
+
+
+@pytest.mark.parametrize("train_batch_size", ["auto", 16])
+def test_a_deepspeed_train_batch_size_counts_every_process(task, one_process, tmp_path,
+                                                           train_batch_size):
+    """2 processes x 4 rows x 2 accumulation: "auto" resolves to 16, and 16 is taken."""
+    args = script_args(task, tmp_path, "--kd_cache", str(task.cache), "--deepspeed",
+                       str(deepspeed_json(tmp_path, train_batch_size)),
+                       "--gradient_accumulation_steps", "2", batch_size=4)
+    result = run_script("run_glue_distill.py", args, launch=True)
+    assert "2 process(es) x 4 rows x 2 accumulation = 16 rows per step" in result.stdout
+    torch.testing.assert_close(losses(tmp_path, "kd_soft", "kd_hard"),
+                               losses(one_process, "kd_soft", "kd_hard"), rtol=2e-3, atol=1e-5)
+
+
+def test_a_deepspeed_batch_of_another_launch_is_refused_in_one_line(task, tmp_path):
+    args = script_args(task, tmp_path, "--kd_cache", str(task.cache), "--deepspeed",
+                       str(deepspeed_json(tmp_path, 8)), "--gradient_accumulation_steps", "2",
+                       batch_size=4)
+    result = subprocess.run(launch_command(EXAMPLE / "run_glue_distill.py", *args), cwd=REPO,
+                            env=LAUNCH_ENV, capture_output=True, text=True, timeout=TIMEOUT)
+    line = (f"kdscale: error: --deepspeed {tmp_path / 'ds.json'}: values that contradict the "
+            f"training arguments (ds train_batch_size=8 vs hf train_batch_size (calculated)=16); "
+            f"expected \"auto\" (the arguments' value) or equal values")
+    assert result.returncode != 0
+    assert result.stderr.splitlines().count(line) == 2  # each process, before any step
+    assert not (tmp_path / "trainer_state.json").exists()
+
+
+def test_a_launch_without_multi_gpu_trains_alone_and_says_so(task, one_process, tmp_path):
+    """accelerate launch --num_processes 2, no --multi_gpu: one process runs (accelerate's
+    doing); kdscale names the missing flag, and the run is the one-process run."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               str(EXAMPLE / "run_glue_distill.py"),
+               *script_args(task, tmp_path, "--kd_cache", str(task.cache))]
+    result = subprocess.run(command, cwd=REPO, env=LAUNCH_ENV, capture_output=True, text=True,
+                            timeout=TIMEOUT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    warnings = [line for line in result.stderr.splitlines() if "add --multi_gpu" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("accelerate launch was asked for "
+                                                         "several processes")
+    assert "1 process(es) x 16 rows x 1 accumulation = 16 rows per step" in result.stdout
+    torch.testing.assert_close(losses(tmp_path, "kd_soft"), losses(one_process, "kd_soft"))

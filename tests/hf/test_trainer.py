@@ -26,8 +26,16 @@ from kdscale.config import ConfigError
 from kdscale.data.batch import model_inputs
 from kdscale.data.tokenize import tokenized_fingerprint
 from kdscale.errors import KdscaleError
-from kdscale.hf import DistillationArguments, DistillationTrainer, DistillationTrainingArguments
-from tests.support.hf import EXAMPLE, N_TRAIN, build_cache, save_model, tiny_bert, tokenized_train
+from kdscale.hf import DistillationArguments, DistillationTrainingArguments
+from tests.support.hf import (
+    EXAMPLE,
+    N_TRAIN,
+    build_cache,
+    make_trainer,
+    save_model,
+    tiny_bert,
+    tokenized_train,
+)
 from tests.support.hf import make_task as _make_task
 
 
@@ -39,19 +47,6 @@ def task(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tokenizer(task):
     return AutoTokenizer.from_pretrained(task.student)
-
-
-def make_trainer(task, tokenizer, out, kd: dict, *, train=None, model=None, teacher=None,
-                 **training) -> DistillationTrainer:
-    settings = {"per_device_train_batch_size": 16, "max_steps": 4, "learning_rate": 5e-4,
-                "logging_steps": 1, "save_strategy": "no", "report_to": "none",
-                "disable_tqdm": True, "seed": 0, **training}
-    return DistillationTrainer(
-        model=model or AutoModelForSequenceClassification.from_pretrained(task.student),
-        args=TrainingArguments(output_dir=str(out), **settings),
-        kd_args=DistillationArguments(**kd), teacher=teacher,
-        train_dataset=tokenized_train(task, tokenizer) if train is None else train,
-        data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer)
 
 
 def test_the_converted_script_differs_from_the_stock_one_in_three_lines():
@@ -66,14 +61,14 @@ def test_the_converted_script_differs_from_the_stock_one_in_three_lines():
     assert "Trainer(" not in "\n".join(distill).replace("DistillationTrainer(", "")
 
 
-def test_arguments_parse_beside_the_scripts_own_with_help_and_checks():
+def test_arguments_parse_beside_the_scripts_own_with_help_and_checks(task):
     parser = HfArgumentParser((TrainingArguments, DistillationArguments))
     help_text = " ".join(parser.format_help().split())
     assert "--kd_temperature" in help_text and "alpha * T^2 * KL" in help_text
     training, kd = parser.parse_args_into_dataclasses(
-        ["--output_dir", "o", "--kd_cache", "c", "--kd_temperature", "4", "--kd_alpha", "0.7",
-         "--kd_layer_map", '{"0": 1, "1": 3}'])
-    assert (kd.kd_cache, kd.kd_temperature, kd.kd_alpha) == ("c", 4.0, 0.7)
+        ["--output_dir", "o", "--kd_cache", str(task.cache), "--kd_temperature", "4",
+         "--kd_alpha", "0.7", "--kd_layer_map", '{"0": 1, "1": 3}'])
+    assert (kd.kd_cache, kd.kd_temperature, kd.kd_alpha) == (str(task.cache), 4.0, 0.7)
     assert kd.layer_map() == {"0": 1, "1": 3}
     (merged,) = HfArgumentParser(DistillationTrainingArguments).parse_args_into_dataclasses(
         ["--output_dir", "o", "--kd_teacher", "t", "--kd_teacher_placement", "zero3"])

@@ -10,11 +10,18 @@ from pathlib import Path
 
 import datasets
 import torch
-from transformers import BertConfig, BertForSequenceClassification
+from transformers import (
+    AutoModelForSequenceClassification,
+    BertConfig,
+    BertForSequenceClassification,
+    DataCollatorWithPadding,
+    TrainingArguments,
+)
 
 from kdscale.commands.cache import run_cache
 from kdscale.commands.demo import build_demo_tokenizer, write_demo_task
 from kdscale.config import CacheConfig, Config, DataConfig, TeacherConfig
+from kdscale.hf import DistillationArguments, DistillationTrainer
 from tests.support.pipeline import REPO
 
 N_TRAIN, N_EVAL, MAX_LENGTH = 64, 16, 64
@@ -107,3 +114,17 @@ def tokenized_train(task: Task, tokenizer) -> datasets.Dataset:
     data_args = script.DataArguments(train_file=str(task.train_file), max_seq_length=MAX_LENGTH)
     return script.tokenize(script.load_split(str(task.train_file)), tokenizer, data_args,
                            {0: 0, 1: 1})
+
+
+def make_trainer(task: Task, tokenizer, out: Path, kd: dict, *, train=None, model=None,
+                 teacher=None, **training) -> DistillationTrainer:
+    """A DistillationTrainer over the task's training file, 4 short steps by default."""
+    settings = {"per_device_train_batch_size": 16, "max_steps": 4, "learning_rate": 5e-4,
+                "logging_steps": 1, "save_strategy": "no", "report_to": "none",
+                "disable_tqdm": True, "seed": 0, **training}
+    return DistillationTrainer(
+        model=model or AutoModelForSequenceClassification.from_pretrained(task.student),
+        args=TrainingArguments(output_dir=str(out), **settings),
+        kd_args=DistillationArguments(**kd), teacher=teacher,
+        train_dataset=tokenized_train(task, tokenizer) if train is None else train,
+        data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer)
