@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--config", required=True, help="experiment YAML (see configs/)")
         else:
             sub.add_argument("--output_dir", default="runs/demo", help="where the demo writes")
+            sub.add_argument("--cache_processes", type=int, default=2, metavar="N",
+                             help="processes the cache stage launches, its teacher sharded by "
+                                  "ZeRO-3 over them (default 2; 1 caches in this process)")
         if name == "env":
             _add_env_arguments(sub)
     return parser
@@ -87,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "demo":
             from kdscale.commands.demo import run_demo
 
-            run_demo(args.output_dir, overrides)
+            run_demo(args.output_dir, overrides, args.cache_processes)
             _leave_process_group()
         else:
             run(args.command, load_config(args.config, overrides))

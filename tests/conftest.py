@@ -42,8 +42,15 @@ def teacher(tokenizer):
     return model.eval()
 
 
+def pytest_configure(config):
+    """Keep the order below: pytest-xdist would otherwise hand out files by their number of
+    tests, which sends long files of few tests last."""
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
 def pytest_collection_modifyitems(items):
-    """Slow end-to-end tests first: parallel workers take whole files in collection order,
+    """Slow end-to-end files first: parallel workers take whole files in collection order,
     and a long file taken last would leave one worker running it alone at the end."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 

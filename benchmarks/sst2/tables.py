@@ -34,7 +34,8 @@ def source_line(results: dict) -> str:
     if not commit:
         return "Measured outside a git checkout: no commit to name."
     tree = "a clean tree" if results.get("clean_tree") else "a tree with uncommitted changes"
-    return f"Measured at commit {commit[:10]}, {tree}."
+    moved = " (the tree changed while it ran)" if results.get("changed_during_run") else ""
+    return f"Measured at commit {commit[:10]}, {tree}{moved}."
 
 
 def teacher_row(side: str, t: dict) -> str:

@@ -21,7 +21,7 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processor
 from transformers import PreTrainedTokenizerFast
 
 from kdscale import configs
-from kdscale.config import Config, config_from_dict, read_yaml, to_dict
+from kdscale.config import Config, ConfigError, config_from_dict, read_yaml, to_dict
 from kdscale.distributed import free_port
 
 SUBJECTS = ["the movie", "this film", "the plot", "the acting", "the soundtrack", "the script",
@@ -141,7 +141,8 @@ def prepare_demo_files(config: Config, n_train: int = 6000, n_eval: int = 1000) 
     build_demo_tokenizer().save_pretrained(str(data_dir / "tokenizer"))
 
 
-def run_demo(output_dir: str, overrides: list[str] | None = None) -> dict:
+def run_demo(output_dir: str, overrides: list[str] | None = None,
+             cache_processes: int = 2) -> dict:
     """Generate the task, fine-tune a teacher, cache its logits, distill, evaluate, report."""
     from kdscale.commands.distill import run_distill
     from kdscale.commands.evaluate import run_eval
@@ -150,6 +151,8 @@ def run_demo(output_dir: str, overrides: list[str] | None = None) -> dict:
     from kdscale.distributed import process_state
     from kdscale.files import check_writable
 
+    if cache_processes < 1:
+        raise ConfigError(f"--cache_processes must be 1 or more, got {cache_processes}")
     extra = {"cache": {"overwrite": True}}  # the demo owns its output directory
     for key, value in parse_overrides(overrides or []):
         set_dotted(extra, key, value)
@@ -160,17 +163,19 @@ def run_demo(output_dir: str, overrides: list[str] | None = None) -> dict:
         prepare_demo_files(config)
     state.wait_for_everyone()
     run_finetune(config)
-    run_cache_stage(config, state)
+    run_cache_stage(config, state, cache_processes)
     run_distill(config)
     return run_eval(config)
 
 
-def run_cache_stage(config: Config, state) -> None:
-    """The teacher's logits from 2 processes with the teacher sharded by ZeRO-3, the path a
-    cluster takes. Launched here unless the demo itself already runs under a launcher."""
+def run_cache_stage(config: Config, state, processes: int) -> None:
+    """The teacher's logits from several processes with the teacher sharded by ZeRO-3, the path
+    a cluster takes. Launched here unless the demo itself already runs under a launcher, or
+    one process was asked for (or there is one GPU)."""
     from kdscale.commands.cache import run_cache
 
-    processes = 2 if not torch.cuda.is_available() else min(2, torch.cuda.device_count())
+    if torch.cuda.is_available():
+        processes = min(processes, torch.cuda.device_count())
     if state.num_processes > 1 or processes == 1:
         return run_cache(config)
     config_file = Path(config.output_dir) / "config.yaml"

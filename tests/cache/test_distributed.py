@@ -26,6 +26,8 @@ from kdscale.data.batch import model_inputs
 from kdscale.distributed import free_port
 from tests.support.pipeline import worker_of_rank
 
+pytestmark = pytest.mark.slow  # real launches: scheduled first (tests/conftest.py)
+
 EXAMPLES = 400
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",

@@ -123,6 +123,17 @@ def test_full_demo_meets_its_targets(tmp_path):
     assert report["retention"] >= 0.979
     assert report["teacher"]["params"] / report["student"]["params"] >= 1.85
     assert "retention" in result.stdout and "teacher" in result.stdout
+    assert "--num_processes 2" in result.stdout  # the cache stage ran as the 2-process launch
+    build = json.loads((tmp_path / "demo" / "cache" / "build.json").read_text())
+    assert build["placement"] == "zero3" and build["world_size"] == 2
+
+
+def test_a_demo_without_cache_processes_is_refused(tmp_path):
+    result = kdscale("demo", "--output_dir", str(tmp_path / "demo"), "--cache_processes", "0",
+                     cwd=tmp_path)
+    assert result.returncode == 2
+    assert "--cache_processes must be 1 or more, got 0" in result.stderr
+    assert not (tmp_path / "demo").exists()
 
 
 def test_launched_processes_train_one_model(tmp_path):

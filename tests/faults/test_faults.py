@@ -19,6 +19,8 @@ from tools.faults.harness import prepare_sample, run_pick
 from tools.faults.inject import KINDS
 from tools.faults.sample import fault_seed, replay_command, sample
 
+pytestmark = pytest.mark.slow  # real launches: scheduled first (tests/conftest.py)
+
 TIMEOUT_S = 5  # the jobs' collective timeout: how long a hung rank may stall the others
 SEED = fault_seed()
 PICKS = {pick.kind: pick for pick in sample(SEED)}

@@ -18,6 +18,8 @@ from transformers import AutoModelForSequenceClassification
 from tests.support.hf import EXAMPLE, make_task, script_args, train_logs
 from tests.support.pipeline import LAUNCH_ENV, REPO, launch_command
 
+pytestmark = pytest.mark.slow  # real launches: scheduled first (tests/conftest.py)
+
 TIMEOUT = 300
 
 

@@ -13,8 +13,12 @@ import psutil
 from kdscale.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[2]
+# The demo cut short, its teacher cached in the one process: the tests that read its files
+# need a finished pipeline, not the 2-process ZeRO-3 cache launch (the full demo's test runs
+# that, and the placements are byte-identical: tests/cache/test_distributed.py).
 QUICK = ["--data.max_train_examples", "256", "--data.max_eval_examples", "128",
-         "--finetune.max_steps", "30", "--distill.max_steps", "12", "--eval.latency_batches", "2"]
+         "--finetune.max_steps", "30", "--distill.max_steps", "12", "--eval.latency_batches", "2",
+         "--cache_processes", "1", "--teacher.placement", "replicate"]
 
 
 def kdscale(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:

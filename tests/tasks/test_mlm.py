@@ -22,6 +22,8 @@ from tests.support.pipeline import (
     small_task_config,
 )
 
+pytestmark = pytest.mark.slow  # real launches: scheduled first (tests/conftest.py)
+
 K = 8
 
 

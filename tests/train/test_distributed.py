@@ -31,6 +31,8 @@ from tests.support.pipeline import (
     write_config,
 )
 
+pytestmark = pytest.mark.slow  # real launches: scheduled first (tests/conftest.py)
+
 STEPS = 6
 EVAL_EVERY = 3
 STOP_AFTER = 2  # a stopped run logs every 2 steps, so the stop file stops it after step 2
