@@ -20,6 +20,7 @@ from kdscale.kernels import kd_loss
 
 from benchmarks.provenance import provenance
 from benchmarks.sst2.run import REPO, kdscale_config, minilm_dir
+from kdscale.cache.sizes import row_bytes
 from kdscale.commands.cache import run_cache
 from kdscale.commands.distill import run_distill
 from kdscale.commands.finetune import run_finetune
@@ -102,8 +103,12 @@ def truncation(teacher_dir: Path, student_dir: Path, held_out: HeldOut, ks: list
                                              teacher_topk_indices=indices, **soft))
             topk[k]["mass"] += float(p.gather(1, indices).sum())
         rows += len(t_rows)
-    # A row: k fp16 values, k int32 indices, an int32 position, an int64 example id.
-    return [{"k": k, "bytes_per_position": 6 * k + 12, "soft_loss_topk": t["loss"] / rows,
+    # A row as the cache stores it: k fp16 values, k indices (uint16 for this vocabulary),
+    # an int32 position, an int64 example id.
+    vocab = teacher.config.vocab_size
+    return [{"k": k, "bytes_per_position": row_bytes(kind="topk", num_outputs=vocab, k=k,
+                                                     dtype="float16", per_position=True),
+             "soft_loss_topk": t["loss"] / rows,
              "soft_loss_full": full / rows, "relative_error": t["loss"] / full - 1,
              "teacher_mass": t["mass"] / rows} for k, t in topk.items()]
 

@@ -10,8 +10,14 @@ A cache is one directory:
 Each shard is a plain safetensors file holding `rows` rows, keyed by stable example id:
 
     dense:  example_ids int64 [rows]   logits <dtype> [rows, num_outputs]
-    topk:   example_ids int64 [rows]   values <dtype> [rows, k]   indices int32 [rows, k]
-            (an index of -1 marks a padding slot)
+    topk:   example_ids int64 [rows]   values <dtype> [rows, k]   indices <index_dtype> [rows, k]
+            index_dtype (manifest) is the narrowest of uint16 (vocabularies of up to 65,535
+            outputs; 65535 marks a padding slot) and int32 (-1 marks a padding slot); a
+            manifest without it (written before it existed) holds int32 indices
+    topk, dtype int8 (8-bit values, `kdscale.cache.quantize`), as topk plus:
+            values int8 [rows, k]      codes on a per-row grid (-128: a padding slot)
+            values_offset float16 [rows], values_scale float16 [rows]
+                                       value = offset + scale * code, within scale / 2
     topk, one row per masked position (masked-LM caches), as topk plus:
             positions int32 [rows]     the token position of each row
             examples int64 [E]         every example of the shard, in row order, and
@@ -50,6 +56,7 @@ from typing import Any
 import torch
 
 from kdscale import __version__
+from kdscale.cache.sizes import INDEX_DTYPES, narrowest_index_dtype
 from kdscale.errors import KdscaleError
 
 CACHE_FORMAT_VERSION = 1
@@ -60,6 +67,7 @@ DTYPES = {
     "float16": (torch.float16, "F16"),
     "float32": (torch.float32, "F32"),
     "bfloat16": (torch.bfloat16, "BF16"),
+    "int8": (torch.int8, "I8"),  # top-k rows only: codes, with a scale and offset per row
 }
 # The patterns double as a path-traversal guard: a manifest can only name files in its directory.
 SHARD_RE = re.compile(r"shard-(\d{5,})\.safetensors")
@@ -97,7 +105,7 @@ def shard_index(name: str, pattern: re.Pattern = SHARD_RE) -> int | None:
 
 
 # added within format version 1: older manifests lack them
-OPTIONAL_FIELDS = {"max_length", "tail_temperature", "audit", "sampling"}
+OPTIONAL_FIELDS = {"max_length", "tail_temperature", "audit", "sampling", "index_dtype"}
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -106,7 +114,7 @@ class CacheManifest:
     kind: str  # "dense" | "topk"
     num_outputs: int  # classes (dense) or vocabulary size (topk)
     k: int | None  # slots per row for topk; None for dense
-    dtype: str  # dtype of logits / values: "float16" | "float32" | "bfloat16"
+    dtype: str  # dtype of logits / values: "float16" | "float32" | "bfloat16" | "int8" (topk)
     num_examples: int
     num_rows: int  # == num_examples, except in a per-position topk cache
     teacher: dict[str, Any]  # e.g. {"name": ..., "weights_sha256": ...}
@@ -126,6 +134,9 @@ class CacheManifest:
     # topk rows of drawn tokens (cache.kind sampled): {"draws", "temperature", "seed"};
     # None: the rows are the teacher's largest logits (kdscale.cache.sampling)
     sampling: dict[str, Any] | None = None
+    # topk: the stored width of the indices, "uint16" | "int32"; None: dense, or a topk cache
+    # written before the width was recorded (int32: see `index_dtype_of`)
+    index_dtype: str | None = None
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -179,22 +190,41 @@ def is_positive(x: Any) -> bool:
 
 
 def check_settings(kind: str, num_outputs: int, k: int | None, dtype: str,
-                   where: str = "manifest field") -> None:
+                   where: str = "manifest field", index_dtype: str | None = None) -> None:
     """The settings a shard and a manifest share; shared so both fail with the same words."""
     _check(kind in KINDS, "kind", "'dense' or 'topk'", kind, where)
     _check(is_int(num_outputs, 1), "num_outputs", "an integer >= 1", num_outputs, where)
     if kind == "dense":
         _check(k is None, "k", "null for a dense cache", k, where)
+        _check(dtype != "int8", "dtype", "'float16', 'bfloat16' or 'float32' for a dense cache "
+               "(int8 codes are for top-k rows)", dtype, where)
+        _check(index_dtype is None, "index_dtype", "null for a dense cache", index_dtype, where)
     else:
         _check(is_int(k, 1) and k <= num_outputs, "k",
                f"an integer in [1, num_outputs={num_outputs}] for a topk cache", k, where)
+        check_index_dtype(index_dtype, num_outputs, where)
     _check(dtype in DTYPES, "dtype", f"one of {list(DTYPES)}", dtype, where)
+
+
+def check_index_dtype(index_dtype: str | None, num_outputs: int,
+                      where: str = "manifest field") -> None:
+    """null (int32, as written before the width was recorded), int32, or uint16 where every
+    id and the padding sentinel fit."""
+    fits = index_dtype in (None, "int32") or (
+        index_dtype == "uint16" and narrowest_index_dtype(num_outputs) == "uint16")
+    _check(fits, "index_dtype", f"one of {list(INDEX_DTYPES)} (uint16 only for up to 65535 "
+           f"outputs; num_outputs is {num_outputs})", index_dtype, where)
+
+
+def index_dtype_of(m: CacheManifest) -> str | None:
+    """The stored width of a topk cache's indices; None for a dense cache."""
+    return None if m.kind == "dense" else m.index_dtype or "int32"
 
 
 def _validate(m: CacheManifest) -> None:
     _check(m.format_version == CACHE_FORMAT_VERSION, "format_version",
            str(CACHE_FORMAT_VERSION), m.format_version)
-    check_settings(m.kind, m.num_outputs, m.k, m.dtype)
+    check_settings(m.kind, m.num_outputs, m.k, m.dtype, index_dtype=m.index_dtype)
     _check(isinstance(m.teacher, dict), "teacher", "an object", m.teacher)
     _check(m.tokenizer_sha256 is None or isinstance(m.tokenizer_sha256, str),
            "tokenizer_sha256", "a string or null", m.tokenizer_sha256)

@@ -26,17 +26,18 @@ from kdscale.cache.format import (
     CacheError,
     CacheManifest,
     CacheMismatchError,
+    index_dtype_of,
     read_header,
     read_manifest,
 )
+from kdscale.cache.quantize import dequantize_rows
+from kdscale.cache.sizes import INDEX_DTYPES
 from kdscale.cache.verify import verify_cache
 
 # safetensors dtype code -> numpy dtype; bfloat16 has none, so it is mapped as raw uint16
 _NP_DTYPES = {"F16": np.float16, "F32": np.float32, "BF16": np.uint16, "I32": np.int32,
-              "I64": np.int64}
+              "I64": np.int64, "U16": np.uint16, "I8": np.int8}
 _REBUILD = "rebuild the cache with `kdscale cache`"
-# Tensors stored in their own dtype; the teacher's values are stored in the manifest's.
-_TENSOR_DTYPES = {"indices": np.int32, "positions": np.int32, "tail": np.float32}
 MAX_OPEN_MAPS = 256
 UNCHECKED = object()  # check_compatible: a field the caller does not check
 
@@ -77,11 +78,14 @@ def open_shards(directory: Path, m: CacheManifest, remedy: str = _REBUILD) -> Sh
 
 def _layout(m: CacheManifest, shard: dict[str, Any],
             per_position: bool) -> dict[str, tuple[str, list[int]]]:
+    """{tensor: (safetensors dtype code, shape)} of one shard, as the manifest describes it."""
     rows, code = shard["rows"], DTYPES[m.dtype][1]
     if m.kind == "dense":
         return {"example_ids": ("I64", [rows]), "logits": (code, [rows, m.num_outputs])}
     layout = {"example_ids": ("I64", [rows]), "values": (code, [rows, m.k]),
-              "indices": ("I32", [rows, m.k])}
+              "indices": (INDEX_DTYPES[index_dtype_of(m)][1], [rows, m.k])}
+    if m.dtype == "int8":
+        layout |= {"values_offset": ("F16", [rows]), "values_scale": ("F16", [rows])}
     if per_position:
         layout |= {"positions": ("I32", [rows]), "examples": ("I64", [shard["examples"]]),
                    "counts": ("I32", [shard["examples"]])}
@@ -119,9 +123,18 @@ def _open_shard(directory: Path, m: CacheManifest, shard: dict[str, Any]) -> dic
               and end - begin == dtype.itemsize * int(np.prod(shape)) and start + end <= size)
         if not ok:
             raise CacheError(f"shard {shard['file']}: tensor {name!r} is missing or is not "
-                             f"{code} {shape} ({entry}); {_REBUILD}")
+                             f"{code} {shape} ({entry}){_why(m, name)}; {_REBUILD}")
         specs[name] = (path, dtype, start + begin, tuple(shape))
     return specs
+
+
+def _why(m: CacheManifest, name: str) -> str:
+    """What in the manifest decides a tensor's dtype, for the refusal of a shard that differs."""
+    if name == "indices":
+        return f", as the manifest's index_dtype {index_dtype_of(m)!r} says"
+    if name.startswith("values") or name == "logits":
+        return f", as the manifest's dtype {m.dtype!r} says"
+    return ""
 
 
 def _read(spec: tuple) -> np.ndarray:
@@ -133,7 +146,7 @@ def _read(spec: tuple) -> np.ndarray:
 class TopK:
     """The top-k rows of some examples, concatenated in request order."""
 
-    values: torch.Tensor  # [R, k] in the stored dtype
+    values: torch.Tensor  # [R, k] in the stored dtype; float32 from an int8 cache's codes
     indices: torch.Tensor  # [R, k] int64 (what torch.gather takes); -1 marks a padding slot
     positions: torch.Tensor | None  # [R] int64 token position of each row; None: one row each
     counts: torch.Tensor  # [n] int64 rows of each requested id (all 1 without positions)
@@ -169,6 +182,9 @@ class LogitCache:
         first = np.arange(len(shards.ids)) if counts is None else np.cumsum(counts) - counts
         self._first = first.astype(np.int64)[shards.order]
         self._counts = None if counts is None else counts[shards.order]
+        # Each tensor's numpy dtype, from the layout every shard was checked against.
+        layout = _layout(self._manifest, {"rows": 0, "examples": 0}, self.per_position)
+        self._dtypes = {name: np.dtype(_NP_DTYPES[code]) for name, (code, _) in layout.items()}
         rows = [s["rows"] for s in self._manifest.shards]
         self._starts = np.cumsum([0] + rows[:-1], dtype=np.int64)  # global row of each shard
 
@@ -231,21 +247,33 @@ class LogitCache:
                            "missing); was it built for this dataset?")
         return pos
 
-    def _gather(self, name: str, rows: np.ndarray, width: tuple[int, ...]) -> torch.Tensor:
-        """Global rows [R] of one tensor -> [R, *width], reading only those rows' pages."""
+    def _gather(self, name: str, rows: np.ndarray, width: tuple[int, ...]) -> np.ndarray:
+        """Global rows [R] of one tensor -> [R, *width] as stored, reading only those rows'
+        pages."""
         shard = np.searchsorted(self._starts, rows, side="right") - 1
         local = rows - self._starts[shard]
-        dtype = np.dtype(_TENSOR_DTYPES.get(name) or _NP_DTYPES[DTYPES[self._manifest.dtype][1]])
-        out = np.empty((len(rows), *width), dtype=dtype)
+        out = np.empty((len(rows), *width), dtype=self._dtypes[name])
         for s in np.unique(shard):
             sel = np.flatnonzero(shard == s)
             out[sel] = self._array(int(s), name)[local[sel]]
-        t = torch.from_numpy(out)
-        if dtype == np.int32:
-            return t.long()  # torch.gather and indexing take int64
-        if name == "tail":
-            return t  # float32, whatever the values' dtype
-        return t.view(torch.bfloat16) if self._manifest.dtype == "bfloat16" else t
+        return out
+
+    def _values(self, name: str, rows: np.ndarray, width: int) -> torch.Tensor:
+        """Teacher logits or top-k values of some rows: the stored dtype, or float32
+        dequantized from an int8 cache's codes (kdscale.cache.quantize)."""
+        stored = torch.from_numpy(self._gather(name, rows, (width,)))
+        if self._manifest.dtype == "int8":
+            offset, scale = (torch.from_numpy(self._gather(grid, rows, ()))
+                             for grid in ("values_offset", "values_scale"))
+            return dequantize_rows(stored, offset, scale)
+        return stored.view(torch.bfloat16) if self._manifest.dtype == "bfloat16" else stored
+
+    def _indices(self, rows: np.ndarray) -> torch.Tensor:
+        """Top-k indices of some rows as int64 (what torch.gather takes), -1 at padding,
+        whatever width they are stored in."""
+        stored = self._gather("indices", rows, (self._manifest.k,))
+        pad = INDEX_DTYPES[index_dtype_of(self._manifest)][2]
+        return torch.from_numpy(np.where(stored == pad, -1, stored.astype(np.int64)))
 
     def get(self, example_ids: Any) -> torch.Tensor:
         """The teacher's logits of some examples, from a dense cache.
@@ -263,7 +291,7 @@ class LogitCache:
         if self._manifest.kind != "dense":
             raise CacheError("this is a topk cache: use get_topk(), not get()")
         rows = self._first[self._locate(example_ids)]
-        return self._gather("logits", rows, (self._manifest.num_outputs,))
+        return self._values("logits", rows, self._manifest.num_outputs)
 
     def get_topk(self, example_ids: Any) -> TopK:
         """The teacher's top-k rows of some examples, from a top-k cache.
@@ -289,11 +317,12 @@ class LogitCache:
             # Row j of example i is first[i] + j: expand each example's range of rows.
             within = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
             rows = np.repeat(self._first[pos], counts) + within
-        positions = self._gather("positions", rows, ()) if self.per_position else None
-        tail = self._gather("tail", rows, ()) if self._manifest.tail_temperature else None
-        return TopK(values=self._gather("values", rows, (k,)),
-                    indices=self._gather("indices", rows, (k,)), positions=positions,
-                    counts=torch.from_numpy(counts), tail=tail)
+        positions = (torch.from_numpy(self._gather("positions", rows, ())).long()
+                     if self.per_position else None)
+        tail = (torch.from_numpy(self._gather("tail", rows, ()))
+                if self._manifest.tail_temperature else None)
+        return TopK(values=self._values("values", rows, k), indices=self._indices(rows),
+                    positions=positions, counts=torch.from_numpy(counts), tail=tail)
 
     # -- checks --------------------------------------------------------------------------------
 

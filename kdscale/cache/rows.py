@@ -13,18 +13,23 @@ from typing import Any
 import torch
 
 from kdscale.cache.format import DTYPES, CacheError, check_settings, few
+from kdscale.cache.quantize import quantize_rows
+from kdscale.cache.sizes import INDEX_DTYPES, narrowest_index_dtype
 
 
 def shard_tensors(example_ids: Any, logits: Any, values: Any, indices: Any, positions: Any,
                   empty_ids: Any, *, dtype: str, num_outputs: int, k: int | None,
-                  tail: Any = None) -> dict[str, torch.Tensor]:
-    """The tensors of a shard (layout in `kdscale.cache.format`), cast to the cache dtype;
-    CacheError, before anything is written, for anything a reader or the loss could not use."""
+                  tail: Any = None, index_dtype: str | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a shard (layout in `kdscale.cache.format`), cast to the cache dtype
+    (top-k indices to `index_dtype`; None: the narrowest the outputs need); CacheError,
+    before anything is written, for anything a reader or the loss could not use."""
     if (logits is None) == (values is None and indices is None):
         raise CacheError("a shard takes logits (dense), or values and indices (topk, with "
                          "positions for one row per masked position): one of the two")
     kind = "dense" if logits is not None else "topk"
-    check_settings(kind, num_outputs, k, dtype, where="cache setting")
+    if kind == "topk":
+        index_dtype = index_dtype or narrowest_index_dtype(num_outputs)
+    check_settings(kind, num_outputs, k, dtype, where="cache setting", index_dtype=index_dtype)
     ids = _int_vector("example_ids", example_ids)
     if kind == "dense":
         if positions is not None or empty_ids is not None:
@@ -32,7 +37,7 @@ def shard_tensors(example_ids: Any, logits: Any, values: Any, indices: Any, posi
         logits = _rows("logits", logits, len(ids), num_outputs, "num_outputs")
         out = {"logits": _to_storage("logits", logits, ids, dtype)}
     else:
-        out = _topk(ids, values, indices, dtype, num_outputs, k)
+        out = _topk(ids, values, indices, dtype, num_outputs, k, index_dtype)
     if tail is not None:
         if kind == "dense":
             raise CacheError("tail belongs to a topk shard: a dense row has no mass left out")
@@ -87,7 +92,7 @@ def _refuse_nonfinite(name: str, t: torch.Tensor, ids: torch.Tensor, valid: torc
 
 
 def _topk(ids: torch.Tensor, values: Any, indices: Any, dtype: str, num_outputs: int,
-          k: int) -> dict[str, torch.Tensor]:
+          k: int, index_dtype: str) -> dict[str, torch.Tensor]:
     values = _rows("values", values, len(ids), k, "k")
     indices = _rows("indices", indices, len(ids), k, "k")
     if indices.dtype.is_floating_point or indices.dtype == torch.bool:
@@ -97,8 +102,30 @@ def _topk(ids: torch.Tensor, values: Any, indices: Any, dtype: str, num_outputs:
         raise CacheError(f"indices: {indices[out_of_range][0].item()} is outside "
                          f"[0, num_outputs={num_outputs}) and is not -1 (padding)")
     # Padding slots may hold anything (often -inf); the loss masks them by index.
-    stored = _to_storage("top-k values", values, ids, dtype, valid=indices >= 0)
-    return {"values": stored, "indices": indices.to(torch.int32).contiguous()}
+    valid = indices >= 0
+    if dtype == "int8":
+        stored = _quantized("top-k values", values, ids, valid)
+    else:
+        stored = {"values": _to_storage("top-k values", values, ids, dtype, valid=valid)}
+    torch_dtype, _, pad = INDEX_DTYPES[index_dtype]
+    # Every id and the sentinel fit the width (checked above): the casts never wrap.
+    stored_indices = torch.where(valid, indices.long(), pad).to(torch_dtype)
+    return {**stored, "indices": stored_indices.contiguous()}
+
+
+def _quantized(name: str, values: torch.Tensor, ids: torch.Tensor,
+               valid: torch.Tensor) -> dict[str, torch.Tensor]:
+    """int8 codes with each row's offset and scale; refuses NaN/inf values, and rows whose
+    float16 offset or scale would overflow."""
+    if not values.dtype.is_floating_point:
+        raise CacheError(f"{name}: expected a floating-point tensor, got {values.dtype}")
+    _refuse_nonfinite(name, values, ids, valid, "are not finite",
+                      "the teacher produced NaN or inf (check its weights and inputs)")
+    stored = quantize_rows(values, valid)
+    grid = torch.stack([stored["values_offset"], stored["values_scale"]], dim=1)
+    _refuse_nonfinite(name, grid, ids, None, "overflow int8's float16 row offset or scale",
+                      "store the cache as float32 (cache.dtype)")
+    return stored
 
 
 def _tail(tail: Any, ids: torch.Tensor) -> torch.Tensor:

@@ -17,8 +17,9 @@ from kdscale.cache.format import MANIFEST_NAME, CacheError, CacheManifest, read_
 from kdscale.cache.sidecar import restore_sidecar
 from kdscale.files import sha256_file
 
-# What the teacher wrote; ids and positions are checked when the cache is opened.
-VALUE_TENSORS = ("logits", "values", "tail")
+# What the teacher wrote, as floats; ids and positions are checked when the cache is opened,
+# and an int8 cache's values are codes (never NaN), whose row offsets and scales are floats.
+VALUE_TENSORS = ("logits", "values", "tail", "values_offset", "values_scale")
 # A float is NaN or infinite exactly when its exponent bits are all ones: checked on the raw
 # bits (one pass, no conversion), per safetensors dtype: (unsigned view, exponent mask).
 EXPONENT_BITS = {"F16": (np.uint16, 0x7C00), "BF16": (np.uint16, 0x7F80),
@@ -30,7 +31,7 @@ def _all_finite(path: Path, size: int) -> bool:
     start, header = read_header(path, size)
     for name in VALUE_TENSORS:
         entry = header.get(name)
-        if entry is None:
+        if entry is None or entry["dtype"] == "I8":
             continue
         kind, mask = EXPONENT_BITS[entry["dtype"]]
         begin, end = entry["data_offsets"]

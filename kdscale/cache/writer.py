@@ -37,6 +37,7 @@ from kdscale.cache.format import (
 from kdscale.cache.reader import open_shards
 from kdscale.cache.rows import shard_tensors
 from kdscale.cache.sidecar import finished_shards, remove_sidecar, write_sidecar
+from kdscale.cache.sizes import narrowest_index_dtype
 from kdscale.files import write_bytes_atomic, write_json_atomic
 
 
@@ -44,20 +45,23 @@ def write_shard(
     directory: str | os.PathLike, index: int, *, example_ids: Any, logits: Any = None,
     values: Any = None, indices: Any = None, positions: Any = None, empty_ids: Any = None,
     tail: Any = None, dtype: str, num_outputs: int, k: int | None = None, plan_id: str,
+    index_dtype: str | None = None,
 ) -> dict[str, Any]:
     """Validates and writes shard `index` (atomically), then its sidecar; returns the sidecar.
 
     Dense: example_ids [R], logits [R, C]. Top-k: example_ids [R], values [R, k], indices [R, k]
     (-1: padding); with positions [R] one row per masked position, an example's rows contiguous,
     and empty_ids [Z] the shard's examples that have no masked position; tail [R], the
-    teacher's mass off each row's slots, for a cache with a tail slot.
+    teacher's mass off each row's slots, for a cache with a tail slot. Top-k indices are
+    stored as `index_dtype` (None: the narrowest `num_outputs` needs, as `finalize_cache`).
     """
     if not is_int(index, 0):
         raise CacheError(f"index: expected an integer >= 0, got {index!r}")
     if not (isinstance(plan_id, str) and plan_id):
         raise CacheError(f"plan_id: expected a non-empty string, got {plan_id!r}")
     tensors = shard_tensors(example_ids, logits, values, indices, positions, empty_ids,
-                            dtype=dtype, num_outputs=num_outputs, k=k, tail=tail)
+                            dtype=dtype, num_outputs=num_outputs, k=k, tail=tail,
+                            index_dtype=index_dtype)
     directory = Path(directory)
     if (directory / MANIFEST_NAME).is_file():
         raise CacheError(f"{directory} already holds a complete logit cache; {OVERWRITE}")
@@ -104,15 +108,18 @@ def finalize_cache(
     k: int | None, dtype: str, teacher: dict[str, Any], tokenizer_sha256: str | None,
     data_fingerprint: str, masking: dict[str, Any] | None = None, max_length: int | None = None,
     tail_temperature: float | None = None, audit: dict[str, Any] | None = None,
-    sampling: dict[str, Any] | None = None,
+    sampling: dict[str, Any] | None = None, index_dtype: str | None = None,
 ) -> CacheManifest:
     """Writes the manifest of shards 0..num_shards-1 (all finished), then removes the sidecars.
 
     Call it once, after every rank has written its shards: it removes stray temporary files.
+    A topk cache records `index_dtype`, the width its shards were written with (None: the
+    narrowest `num_outputs` needs, as `write_shard`).
     """
     if not is_int(num_shards, 0):
         raise CacheError(f"num_shards: expected an integer >= 0, got {num_shards!r}")
-    check_settings(kind, num_outputs, k, dtype, where="cache setting")
+    index_dtype = resolve_index_dtype(kind, num_outputs, index_dtype)
+    check_settings(kind, num_outputs, k, dtype, where="cache setting", index_dtype=index_dtype)
     directory = Path(directory)
     finished = finished_shards(directory, plan_id)
     missing = [i for i in range(num_shards) if i not in finished]
@@ -128,7 +135,7 @@ def finalize_cache(
         num_examples=sum(s["examples"] for s in shards), num_rows=sum(s["rows"] for s in shards),
         tokenizer_sha256=tokenizer_sha256, data_fingerprint=data_fingerprint, masking=masking,
         shards=shards, max_length=max_length, tail_temperature=tail_temperature, audit=audit,
-        sampling=sampling)
+        sampling=sampling, index_dtype=index_dtype)
     # Headers match the settings and no id is in two shards: what the reader will check.
     open_shards(directory, manifest, remedy="the plan put it in two shards")
     try:
@@ -139,12 +146,29 @@ def finalize_cache(
     return manifest
 
 
+def resolve_index_dtype(kind: str, num_outputs: int, index_dtype: str | None) -> str | None:
+    """A topk cache's index width: the one asked for, or the narrowest the outputs need."""
+    if kind == "dense" or index_dtype is not None:
+        return index_dtype
+    return narrowest_index_dtype(num_outputs) if is_int(num_outputs, 1) else None
+
+
+def _as_given(rows: dict[str, torch.Tensor], values: torch.Tensor,
+              indices: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Checked rows with the top-k values and indices as given (ids widened to int64), for
+    `write_shard` to store once: int8 codes and their grid come from the teacher's values,
+    never from codes, and a shard is the same whichever add() its rows came from."""
+    kept = {name: t for name, t in rows.items() if not name.startswith("values")}
+    return kept | {"values": values.detach().cpu(), "indices": indices.detach().cpu().long()}
+
+
 class CacheWriter:
     """Streams rows into a cache from one process: shards 0, 1, 2... then the manifest.
 
     Dense: `add(example_ids [n], logits [n, C])`. Top-k: `add(example_ids [R], values=[R, k],
     indices=[R, k])`, plus `positions=[R]` (and `empty_ids`) for one row per masked position,
-    and `tail=[R]` when the writer has a `tail_temperature`.
+    and `tail=[R]` when the writer has a `tail_temperature`. Indices are stored as
+    `index_dtype` (None: the narrowest `num_outputs` needs; "int32" writes the older layout).
     Use as a context manager, or call `close()`, which writes the manifest and returns it.
     """
 
@@ -153,12 +177,13 @@ class CacheWriter:
         kind: str = "dense", k: int | None = None, shard_rows: int = 8192,
         teacher: dict[str, Any], tokenizer_sha256: str | None, data_fingerprint: str,
         masking: dict[str, Any] | None = None, overwrite: bool = False,
-        tail_temperature: float | None = None,
+        tail_temperature: float | None = None, index_dtype: str | None = None,
     ) -> None:
         self._meta = {"kind": kind, "num_outputs": num_outputs, "k": k, "dtype": dtype,
                       "teacher": dict(teacher), "tokenizer_sha256": tokenizer_sha256,
                       "data_fingerprint": data_fingerprint, "masking": masking,
-                      "tail_temperature": tail_temperature}
+                      "tail_temperature": tail_temperature,
+                      "index_dtype": resolve_index_dtype(kind, num_outputs, index_dtype)}
         # Built now so that a bad kind/k/dtype fails before any teacher forward is spent.
         CacheManifest(**self._meta, num_examples=0, num_rows=0, shards=[])
         if not is_int(shard_rows, 1):
@@ -192,7 +217,10 @@ class CacheWriter:
                              "tail_temperature, and never to one without")
         rows = shard_tensors(example_ids, logits, values, indices, positions, empty_ids,
                              dtype=self._meta["dtype"], num_outputs=self._meta["num_outputs"],
-                             k=self._meta["k"], tail=tail)
+                             k=self._meta["k"], tail=tail,
+                             index_dtype=self._meta["index_dtype"])
+        if values is not None:
+            rows = _as_given(rows, values, indices)
         if self._pending and ("positions" in rows) != ("positions" in self._pending[0]):
             raise CacheError("positions: give them with every add() of a cache, or never")
         examples = rows.get("examples", rows["example_ids"]).tolist()
@@ -234,7 +262,7 @@ class CacheWriter:
                     indices=shard.get("indices"), positions=shard.get("positions"),
                     empty_ids=empty, tail=shard.get("tail"), dtype=self._meta["dtype"],
                     num_outputs=self._meta["num_outputs"], k=self._meta["k"],
-                    plan_id=self.plan_id)
+                    plan_id=self.plan_id, index_dtype=self._meta["index_dtype"])
         self._num_shards += 1
 
     def close(self) -> CacheManifest:

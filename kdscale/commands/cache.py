@@ -27,8 +27,10 @@ from kdscale.cache.audit import FidelityAudit, describe
 from kdscale.cache.building import build_lock, max_over_processes, staging_dir, swap_in
 from kdscale.cache.format import MANIFEST_NAME, shard_plan_id
 from kdscale.cache.plan import ShardPlan, plan_id, plan_shards
+from kdscale.cache.sizes import row_bytes
 from kdscale.cache.verify import damaged_shards, reopen_for_repair
-from kdscale.config import Config
+from kdscale.cache.writer import resolve_index_dtype
+from kdscale.config import Config, ConfigError
 from kdscale.config.schedules import Schedule
 from kdscale.data import TaskData, check_sources, check_unknown_rate
 from kdscale.distributed import process_state
@@ -133,7 +135,13 @@ def plan_job(config: Config, state) -> CacheJob:
         data = task.transfer_set(config, tokenizer, task.label_names(teacher_config))
     check_unknown_rate(data, tokenizer, f"the tokenizer of {config.teacher_dir}")
     cache, layout = config.cache, task.cache_layout(config, teacher_config)
+    if layout.kind == "dense" and cache.dtype == "int8":
+        raise ConfigError(f"cache.dtype: task {config.task} caches dense rows, which int8 "
+                          f"does not store (its codes are for top-k rows); expected float16, "
+                          f"bfloat16 or float32, got 'int8'")
     meta = {**layout.meta(), "dtype": cache.dtype,
+            # lossless, so never a setting; in the plan id, so a rerun never mixes widths
+            "index_dtype": resolve_index_dtype(layout.kind, layout.num_outputs, None),
             "teacher": {"name": str(config.teacher_dir),
                         "weights_sha256": checkpoint_sha256(config.teacher_dir)},
             "tokenizer_sha256": tokenizer_sha256(tokenizer),
@@ -211,7 +219,10 @@ def new_audit(job: CacheJob) -> FidelityAudit | None:
     layout = job.layout
     if layout.kind != "topk" or layout.k >= layout.num_outputs:
         return None
-    return FidelityAudit(layout.k, Schedule.from_value(job.config.loss.temperature).value(0, 1))
+    kind = ("sampled" if layout.sampling else "topk_tail" if layout.tail_temperature
+            else "topk")
+    return FidelityAudit(layout.k, Schedule.from_value(job.config.loss.temperature).value(0, 1),
+                         kind=kind, dtype=job.meta["dtype"])
 
 
 def write_shards(job: CacheJob, runner: TeacherRunner, shards: list[int], state,
@@ -255,7 +266,7 @@ def _write(job: CacheJob, shard: int, parts: list[dict]) -> None:
     tensors = {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
     write_shard(job.directory, shard, dtype=job.meta["dtype"],
                 num_outputs=job.meta["num_outputs"], k=job.meta["k"], plan_id=job.plan_id,
-                **tensors)
+                index_dtype=job.meta["index_dtype"], **tensors)
 
 
 
@@ -274,6 +285,13 @@ def _progress(total: int, state):
     return tqdm(total=total, desc="teacher logits", unit="ex", disable=not state.is_main_process)
 
 
+def position_bytes(manifest) -> int:
+    """Bytes of one row of a per-position cache, by the formula of kdscale.cache.sizes."""
+    return row_bytes(kind=manifest.kind, num_outputs=manifest.num_outputs, k=manifest.k,
+                     dtype=manifest.dtype, index_dtype=manifest.index_dtype, per_position=True,
+                     tail=manifest.tail_temperature is not None)
+
+
 def report_numbers(job: CacheJob, manifest, stats: list[dict], runner: TeacherRunner) -> None:
     on_disk = sum(s["bytes"] for s in manifest.shards)
     rows = manifest.num_examples
@@ -281,7 +299,9 @@ def report_numbers(job: CacheJob, manifest, stats: list[dict], runner: TeacherRu
           f"{on_disk / 2**20:.2f} MiB on disk, {on_disk / max(rows, 1):.1f} bytes/example")
     if job.layout.per_position:  # masked tokens or word starts: the unit that grows
         print(f"  {manifest.num_rows} positions, {on_disk / max(manifest.num_rows, 1):.1f} "
-              f"bytes/position (top-{manifest.k} of {manifest.num_outputs})")
+              f"bytes/position (top-{manifest.k} of {manifest.num_outputs}: {manifest.dtype} "
+              f"values, {manifest.index_dtype} indices, {position_bytes(manifest)} bytes a "
+              f"row, the rest per example and per shard)")
     for s in stats:
         rate = s["examples"] / s["seconds"] if s["seconds"] else 0.0
         print(f"  rank {s['rank']}: {s['examples']} examples in {s['seconds']:.1f} s "

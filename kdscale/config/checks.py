@@ -18,6 +18,9 @@ def check_config(config: Config) -> None:
     _validate_augment(config)
     _validate_ensemble(config.cache)
     _validate_tail(config)
+    _check(not (config.cache.dtype == "int8" and config.cache.kind == "dense"), "cache.dtype",
+           "float16, bfloat16 or float32 with cache.kind dense (int8 codes are for top-k and "
+           "sampled rows)", config.cache.dtype)
     _check(not (config.cache.ensemble and config.teacher.source == "online"), "cache.ensemble",
            "null when teacher.source is online", config.cache.ensemble)
     for section in ("finetune", "distill"):

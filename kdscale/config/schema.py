@@ -119,7 +119,10 @@ class CacheConfig:
     # (default: equal). `dir` is then only where `kdscale cache` writes.
     ensemble: list[str] | None = None
     ensemble_weights: list[float] | None = None
-    dtype: Literal["float16", "bfloat16", "float32"] = "float16"  # storage of the raw logits
+    # Storage of the raw logits. int8 (top-k and sampled rows only): 8-bit codes on a per-row
+    # grid, dequantized when read, a quarter of float32's bytes; the audit measures its error.
+    # Top-k indices need no setting: they take the narrowest width the vocabulary needs.
+    dtype: Literal["float16", "bfloat16", "float32", "int8"] = "float16"
     # topk: the k largest logits per row (big heads); sampled: k tokens drawn per row from the
     # teacher at loss.temperature, an unbiased estimate of the full teacher (cache.sampling)
     kind: Literal["dense", "topk", "sampled"] = "dense"

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from kdscale.cache.format import CacheError, read_manifest
+from kdscale.cache.sizes import row_bytes
 from kdscale.config import Config
 from kdscale.plan.memory import (
     DTYPE_BYTES,
@@ -18,8 +19,6 @@ from kdscale.tasks import get_task
 from kdscale.teacher import DEEPSPEED_CONFIGS, choose_placement, teacher_source
 
 GiB = 1024**3
-_CACHE_DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
-_TOPK_INDEX_BYTES = 4  # int32 vocabulary indices beside each value
 
 
 def teacher_dtype(config: Config, mixed_precision: str) -> str:
@@ -94,17 +93,20 @@ def cache_estimate(config: Config, sizes: ModelSizes) -> dict:
 
 
 def bytes_per_row(config: Config, sizes: ModelSizes) -> int:
-    value, index = _CACHE_DTYPE_BYTES[config.cache.dtype], _TOPK_INDEX_BYTES
-    tail = 4 if config.cache.tail else 0  # one float32 mass per top-k row
+    cache, tail = config.cache, config.cache.tail
     if config.task in ("mlm", "pretraining"):  # top-k, plus each row's place and example id
-        return config.cache.k * (value + index) + 12 + tail
+        return row_bytes(kind="topk", num_outputs=sizes.vocab_size, k=cache.k, dtype=cache.dtype,
+                         per_position=True, tail=tail)
     if config.task == "token-classification":  # every tag, at each word start
-        return sizes.num_labels * (value + index) + 12
+        return row_bytes(kind="topk", num_outputs=sizes.num_labels, k=sizes.num_labels,
+                         dtype=cache.dtype, per_position=True)
     if config.task == "question-answering":  # a start and an end logit per position
-        return 2 * config.data.max_length * value
-    if config.cache.kind in ("topk", "sampled"):  # a sampled row: k slots, as a top-k one
-        return config.cache.k * (value + index) + tail
-    return sizes.num_labels * value
+        return row_bytes(kind="dense", num_outputs=2 * config.data.max_length, k=None,
+                         dtype=cache.dtype)
+    if cache.kind in ("topk", "sampled"):  # a sampled row: k slots, as a top-k one
+        return row_bytes(kind="topk", num_outputs=sizes.num_labels, k=cache.k,
+                         dtype=cache.dtype, tail=tail)
+    return row_bytes(kind="dense", num_outputs=sizes.num_labels, k=None, dtype=cache.dtype)
 
 
 def rows_per_example(config: Config) -> int:

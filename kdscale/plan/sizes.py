@@ -27,6 +27,7 @@ class ModelSizes:
     student_hidden: int
     student_heads: int
     num_labels: int
+    vocab_size: int  # the teacher's: a masked LM's outputs, which set a cache's index width
 
 
 def model_sizes(config: Config) -> ModelSizes:
@@ -35,7 +36,8 @@ def model_sizes(config: Config) -> ModelSizes:
     model_class = get_task(config.task).model_class  # the head differs by task
     return ModelSizes(source, parameters_in_config(teacher, model_class), teacher.num_hidden_layers,
                       parameters_in_config(student, model_class), student.num_hidden_layers,
-                      student.hidden_size, student.num_attention_heads, teacher.num_labels)
+                      student.hidden_size, student.num_attention_heads, teacher.num_labels,
+                      teacher.vocab_size)
 
 
 def teacher_model_config(config: Config) -> tuple[PretrainedConfig, str]:

@@ -227,3 +227,29 @@ def test_a_sampled_cache_is_the_same_from_one_process_or_two_and_trains_a_studen
     student = kdscale("distill", *common, "--cache.dir", str(root / "sampled1"),
                       "--output_dir", str(root / "sampled_student"), cwd=root)
     assert student.returncode == 0, student.stderr[-3000:]
+
+
+def test_an_int8_cache_is_the_same_from_one_process_or_two_and_trains_a_student(experiment):
+    """cache.dtype int8: uint16 indices (the vocabulary fits), int8 codes and a float16 grid
+    per row, audited against the unquantized rows; the student reads it dequantized."""
+    root, path, _ = experiment
+    common = ["--config", str(path), "--cache.dtype", "int8",
+              "--teacher.checkpoint", str(root / "run" / "teacher")]
+    one = kdscale("cache", *common, "--cache.dir", str(root / "int8_1"), cwd=root)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert "stored as int8, topk rows add a loss error of" in one.stdout
+    two = accelerate_launch("-m", "kdscale", "cache", *common, "--cache.dir",
+                            str(root / "int8_2"))
+    assert two.returncode == 0, two.stderr[-3000:]
+    shards = [sorted((root / name).glob("shard-*.safetensors")) for name in ("int8_1", "int8_2")]
+    assert [s.name for s in shards[0]] == [s.name for s in shards[1]]
+    for one_shard, two_shard in zip(*shards, strict=True):
+        assert one_shard.read_bytes() == two_shard.read_bytes()
+    cache = LogitCache(root / "int8_1")
+    assert (cache.manifest.dtype, cache.manifest.index_dtype) == ("int8", "uint16")
+    stored = cache.manifest.audit["stored"]
+    assert (stored["kind"], stored["dtype"]) == ("topk", "int8")
+    assert 0 < stored["grad_error"] < 0.05 and stored["loss_error"] < 0.01
+    student = kdscale("distill", *common, "--cache.dir", str(root / "int8_1"),
+                      "--output_dir", str(root / "int8_student"), cwd=root)
+    assert student.returncode == 0, student.stderr[-3000:]

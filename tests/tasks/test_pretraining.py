@@ -121,7 +121,7 @@ def test_the_cache_holds_each_pairs_next_sentence_logits_at_cls(experiment):
     estimate = {task: cache_estimate(cfg, model_sizes(cfg)) for task, cfg in (
         (task, config_from_dict({**planned, "task": task})) for task in ("pretraining", "mlm"))}
     assert sum(s["bytes"] for s in cache.manifest.shards) <= estimate["pretraining"]["bytes"]
-    one_row_each = estimate["mlm"]["examples"] * (6 * K + 12)  # fp16 + int32 per slot
+    one_row_each = estimate["mlm"]["examples"] * (4 * K + 12)  # fp16 + uint16 per slot
     assert estimate["pretraining"]["bytes"] - estimate["mlm"]["bytes"] == one_row_each
 
 
