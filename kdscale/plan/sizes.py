@@ -27,6 +27,9 @@ class ModelSizes:
     student_hidden: int
     student_heads: int
     num_labels: int
+    teacher_hidden: int
+    teacher_heads: int
+    vocab_size: int  # the word embeddings, each model's largest tensor: vocab x hidden
 
 
 def model_sizes(config: Config) -> ModelSizes:
@@ -35,7 +38,8 @@ def model_sizes(config: Config) -> ModelSizes:
     model_class = get_task(config.task).model_class  # the head differs by task
     return ModelSizes(source, parameters_in_config(teacher, model_class), teacher.num_hidden_layers,
                       parameters_in_config(student, model_class), student.num_hidden_layers,
-                      student.hidden_size, student.num_attention_heads, teacher.num_labels)
+                      student.hidden_size, student.num_attention_heads, teacher.num_labels,
+                      teacher.hidden_size, teacher.num_attention_heads, teacher.vocab_size)
 
 
 def teacher_model_config(config: Config) -> tuple[PretrainedConfig, str]:
