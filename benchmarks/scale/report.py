@@ -41,7 +41,8 @@ def with_verdict(job: dict, settings: dict, runtime: Term | None = None) -> dict
     predicted, peak = stage["total"], max(peaks(job))
     error = peak / predicted - 1
     return {**job, "predicted_bytes": predicted, "predicted_terms": stage["terms"],
-            "predicted_load_terms": stage["load_terms"], "measured_bytes": peak,
+            "predicted_load_terms": stage["load_terms"],
+            "predicted_save_terms": stage["save_terms"], "measured_bytes": peak,
             "error": error, "within_goal": abs(error) <= GOAL}
 
 
@@ -141,10 +142,12 @@ def term_rows(jobs: list[dict]) -> list[str]:
         run = " + ".join(f"{t['name']} {gib(t['bytes'])}" for t in j["predicted_terms"]
                          if t["where"] == "device")
         lines.append(f"- {j['job']}: {run}")
-        load = j.get("predicted_load_terms") or []
-        if sum(t["bytes"] for t in load) > sum(t["bytes"] for t in j["predicted_terms"]):
-            lines.append("  (the peak is its load: " + " + ".join(
-                f"{t['name']} {gib(t['bytes'])}" for t in load) + ")")
+        run_total = sum(t["bytes"] for t in j["predicted_terms"])
+        for phase in ("load", "save"):
+            terms = j.get(f"predicted_{phase}_terms") or []
+            if sum(t["bytes"] for t in terms) > run_total:
+                lines.append(f"  (the peak is its {phase}: " + " + ".join(
+                    f"{t['name']} {gib(t['bytes'])}" for t in terms) + ")")
     return lines
 
 

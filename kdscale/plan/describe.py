@@ -57,12 +57,18 @@ def _memory_lines(plan) -> list[str]:
     for stage, what in holds.items():
         lines.append(f"  {stage} ({what}): {gib(memory[stage]['total'])}")
         lines += [_term_line(t) for t in memory[stage]["terms"]]
-        load = memory[stage]["load_terms"]
-        if load:
-            total = sum(t["bytes"] for t in load if t["where"] == "device")
-            lines.append(f"    while loading: {gib(total)}")
-            lines += [_term_line(t) for t in load[1:]]  # the runtime is listed above
+        run = {t["name"] for t in memory[stage]["terms"]}
+        for phase in ("load", "save"):
+            terms = memory[stage][f"{phase}_terms"]
+            if terms:
+                total = sum(t["bytes"] for t in terms if t["where"] == "device")
+                lines.append(f"    while {PHASES[phase]}: {gib(total)}, the run's terms less "
+                             f"those it has not or no longer holds, and:")
+                lines += [_term_line(t) for t in terms if t["name"] not in run]
     return lines
+
+
+PHASES = {"load": "loading", "save": "saving (main process)"}
 
 
 def _term_line(term: dict) -> str:

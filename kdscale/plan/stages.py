@@ -69,14 +69,15 @@ class MemoryInputs:
         return cls(**{**raw, **models, **zeros})
 
 
-def stage_dict(terms: list[Term], load: list[Term] | None = None) -> dict:
-    """A stage's terms and its peak: the larger of its run and, where one is given, its
-    load (models read before the run's state exists)."""
-    total = device_total(terms)
-    if load:
-        total = max(total, device_total(load))
+def stage_dict(terms: list[Term], load: list[Term] | None = None,
+               save: list[Term] | None = None) -> dict:
+    """A stage's terms and its peak: the largest of its run, its load (models read before
+    the run's state exists) and its save (the end, on the main process)."""
+    phases = [terms, load or [], save or []]
     return {"terms": [t.to_dict() for t in terms],
-            "load_terms": [t.to_dict() for t in load or []], "total": total}
+            "load_terms": [t.to_dict() for t in load or []],
+            "save_terms": [t.to_dict() for t in save or []],
+            "total": max(device_total(phase) for phase in phases)}
 
 
 def cache_stage(m: MemoryInputs, runtime: Term) -> dict:
@@ -84,8 +85,10 @@ def cache_stage(m: MemoryInputs, runtime: Term) -> dict:
 
 
 def finetune_stage(m: MemoryInputs, runtime: Term) -> dict:
-    return stage_dict([runtime, *training_terms(m.teacher, m.finetune_precision,
-                                                m.finetune_zero, m, m.finetune_batch)])
+    terms = [runtime, *training_terms(m.teacher, m.finetune_precision, m.finetune_zero, m,
+                                      m.finetune_batch)]
+    return stage_dict(terms, save=save_terms(terms, m.teacher, m.finetune_precision,
+                                             m.finetune_zero, m.device))
 
 
 def distill_stage(m: MemoryInputs, runtime: Term) -> dict:
@@ -94,7 +97,26 @@ def distill_stage(m: MemoryInputs, runtime: Term) -> dict:
     if m.source == "online":
         terms += [Term(f"online teacher: {t.name}", t.bytes, t.why, t.where)
                   for t in teacher_forward_terms(m, m.distill_batch)]
-    return stage_dict(terms, student_build_terms(m, runtime))
+    save = save_terms(terms, m.student, m.distill_precision, m.student_zero, m.device)
+    return stage_dict(terms, student_build_terms(m, runtime), save)
+
+
+def save_terms(run: list[Term], model: Model, precision: str, zero: ZeroSettings,
+               device: str) -> list[Term] | None:
+    """The end of a run on the main process: the training state still held, the steps'
+    activations and gathered weights gone, and in CPU memory a full copy of the weights
+    (gathered from the ZeRO-3 partitions) plus the copy safetensors makes of each tensor
+    while it writes. On a GPU these copies are in host memory."""
+    if device == "gpu":
+        return None
+    w, n = DTYPE_BYTES[precision], f"{model.params / 1e6:.1f}M"
+    kept = [t for t in run if t.name not in ("activations", "gathered weights")]
+    copies = [Term("serialized copy", w * model.params, f"{n} x {w} B: safetensors copies "
+                   "each tensor while it writes the model")]
+    if zero.stage == 3:
+        copies.insert(0, Term("weights gathered to save", w * model.params,
+                              f"{n} x {w} B: the ZeRO-3 partitions gathered on the main process"))
+    return kept + copies
 
 
 def training_terms(model: Model, precision: str, zero: ZeroSettings, m: MemoryInputs,

@@ -17,6 +17,7 @@ from kdscale.plan.stages import (
     Model,
     cache_stage,
     distill_stage,
+    finetune_stage,
 )
 from kdscale.plan.zero import (
     DEFAULT_REDUCE_BUCKET,
@@ -149,3 +150,14 @@ def test_the_runtime_is_measured_on_a_cpu_and_stated_on_a_gpu():
 
 def by_name_dicts(stage: dict) -> dict[str, float]:
     return {t["name"]: t["bytes"] for t in stage["terms"]}
+
+
+def test_a_zero3_save_gathers_the_weights_and_safetensors_copies_them():
+    """The main process at the end of fine-tuning: the state it keeps, less the step's
+    activations and gathered weights, plus two full copies of the weights."""
+    stage = finetune_stage(inputs(), RUNTIME)
+    run, save = (by_name_dicts({"terms": stage[k]}) for k in ("terms", "save_terms"))
+    assert set(run) - set(save) == {"activations", "gathered weights"}
+    assert save["weights gathered to save"] == save["serialized copy"] == 335_000_000 * 4
+    assert stage["total"] == pytest.approx(max(sum(run.values()), sum(save.values())))
+    assert finetune_stage(inputs(device="gpu"), RUNTIME)["save_terms"] == []
