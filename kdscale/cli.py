@@ -49,6 +49,12 @@ def _add_env_arguments(sub: argparse.ArgumentParser) -> None:
                      "accelerate launch")
     sub.add_argument("--device_memory_gib", type=float,
                      help="memory per device, to resolve teacher.placement auto")
+    sub.add_argument("--device", choices=["cpu", "gpu"], help="whose memory each process "
+                     "uses; default: this machine's GPUs if it has them, else its CPUs (plan "
+                     "a GPU launch from a login node with --device gpu)")
+    sub.add_argument("--runtime_gib", type=float, help="memory each process holds before "
+                     "any model (default: measured here on a CPU, 0.5 GiB of CUDA context on "
+                     "a GPU)")
     sub.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 

@@ -53,8 +53,14 @@ class Launch:
 
 def job_env(kdscale_src: Path | None) -> dict:
     """The jobs' environment: offline, one thread per process unless set, and optionally
-    another checkout's kdscale first on the path (a before-and-after measurement)."""
+    another checkout's kdscale first on the path (a before-and-after measurement).
+
+    One thread for every job, launched or not: `accelerate launch` gives its processes one
+    (OMP_NUM_THREADS=1) while a plain one-process job would take every core, and a CPU
+    matrix product splits its sums by the thread count, so the one-process cache would
+    differ from the others in the last bits."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env.setdefault("OMP_NUM_THREADS", "1")
     if kdscale_src:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(kdscale_src),
                                                           env.get("PYTHONPATH")]))

@@ -1,7 +1,8 @@
 """The scale benchmark's results: JSON, report.md and a plot of measured against predicted
-memory per process. A prediction is `kdscale env`'s bytes per device for that launch (the
-teacher's weights while caching; the student's training state, activations and an online
-teacher while distilling); a measurement is the largest peak RSS over the job's ranks."""
+memory per process. A prediction is the planner's (`kdscale env`'s) peak bytes per process
+for that job's stage and launch, term by term, re-derived here from the numbers the job's
+plan recorded (benchmarks/scale/replan.py), so a report always shows the planner's current
+model; a measurement is the largest peak RSS over the job's ranks."""
 
 from __future__ import annotations
 
@@ -12,19 +13,19 @@ import torch
 
 from benchmarks.provenance import provenance
 from benchmarks.scale.extrapolate import extrapolate
+from benchmarks.scale.replan import replanned
 from kdscale.commands.report import device_name
+from kdscale.plan.memory import Term
 
 REPO = Path(__file__).resolve().parents[2]
 GiB = 1024**3
 GOAL = 0.25  # |measured / predicted - 1| for every job
 
 
-def prediction(job: dict) -> float | None:
-    memory = job["plan"].get("memory", {})
-    if job["job"].startswith("cache"):
-        return memory.get("teacher_while_caching")
-    key = "finetune_total" if job["job"].startswith("finetune") else "distill_total"
-    return memory.get(key)
+def recorded_runtime(job: dict) -> Term | None:
+    """The runtime `kdscale env` measured before the job, where its plan recorded one."""
+    runtime = job["plan"].get("memory", {}).get("runtime")
+    return Term(**runtime) if runtime else None
 
 
 def peaks(job: dict) -> list[int]:
@@ -33,18 +34,25 @@ def peaks(job: dict) -> list[int]:
     return job.get("peak_device") or job["peak_rss"]
 
 
-def with_verdict(job: dict) -> dict:
-    predicted, peak = prediction(job), max(peaks(job))
-    error = None if not predicted else peak / predicted - 1
-    return {**job, "predicted_bytes": predicted, "measured_bytes": peak, "error": error,
-            "within_goal": error is not None and abs(error) <= GOAL}
+def with_verdict(job: dict, settings: dict, runtime: Term | None = None) -> dict:
+    """The job with the planner's prediction and its error. `runtime`: for a record whose
+    plan measured none (the first probe's), one measured since on the same kind of machine."""
+    stage = replanned(job, settings, recorded_runtime(job) or runtime)
+    predicted, peak = stage["total"], max(peaks(job))
+    error = peak / predicted - 1
+    return {**job, "predicted_bytes": predicted, "predicted_terms": stage["terms"],
+            "predicted_load_terms": stage["load_terms"],
+            "predicted_save_terms": stage["save_terms"], "measured_bytes": peak,
+            "error": error, "within_goal": abs(error) <= GOAL}
 
 
 def checks(jobs: list[dict]) -> dict:
     caches = [j for j in jobs if j["job"].startswith("cache")]
     out = {}
-    if caches:
-        out["caches_identical"] = len({tuple(j["shard_sha256"]) for j in caches}) == 1
+    if caches:  # against the first, the reference (one process, a replica)
+        out["caches_differing"] = [j["job"] for j in caches
+                                   if j["shard_sha256"] != caches[0]["shard_sha256"]]
+        out["caches_identical"] = not out["caches_differing"]
     replicated = next((j for j in caches if j["job"] == "cache-replicate-x2"), None)
     sharded = next((j for j in caches if j["job"] == "cache-zero3-x2"), None)
     if replicated and sharded:
@@ -69,7 +77,7 @@ def portable(value, work: Path):
 
 def build(settings: dict, setup: dict, jobs: list[dict], kdscale_src, total_s: float,
           work: Path) -> dict:
-    jobs = [with_verdict(portable(job, work)) for job in jobs]
+    jobs = [with_verdict(portable(job, work), settings) for job in jobs]
     return {"device": device_name(), **provenance(), "torch": torch.__version__,
             "kdscale_src": "another checkout" if kdscale_src else None, "settings": settings,
             "setup": setup, "total_s": round(total_s, 1), "jobs": jobs, "checks": checks(jobs),
@@ -95,7 +103,7 @@ def table(jobs: list[dict]) -> list[str]:
     lines = ["| job | processes | wall s | peak GiB per rank | predicted GiB | error | "
              "within 25% | throughput |", "|---|---|---|---|---|---|---|---|"]
     for j in jobs:
-        error = "-" if j["error"] is None else f"{j['error']:+.0%}"
+        error = f"{j['error']:+.0%}"
         throughput = job_line(j).rsplit(", ", 1)[-1] if ("ranks" in j or j.get("step_ms")) \
             else "-"
         lines.append(f"| {j['job']} | {j['processes']} | {j['wall_s']:.0f} | "
@@ -126,13 +134,40 @@ def step_rows(jobs: list[dict]) -> list[str]:
     return lines
 
 
-def markdown(results: dict) -> str:
-    source = (f"commit {results['commit'][:10]}" if results.get("commit") else "no commit") + \
+def term_rows(jobs: list[dict]) -> list[str]:
+    """Each prediction as the sum of its named terms (kdscale env prints how each is
+    counted); a stage whose load outweighs its run says so."""
+    lines = []
+    for j in jobs:
+        run = " + ".join(f"{t['name']} {gib(t['bytes'])}" for t in j["predicted_terms"]
+                         if t["where"] == "device")
+        lines.append(f"- {j['job']}: {run}")
+        run_total = sum(t["bytes"] for t in j["predicted_terms"])
+        for phase in ("load", "save"):
+            terms = j.get(f"predicted_{phase}_terms") or []
+            if sum(t["bytes"] for t in terms) > run_total:
+                lines.append(f"  (the peak is its {phase}: " + " + ".join(
+                    f"{t['name']} {gib(t['bytes'])}" for t in terms) + ")")
+    return lines
+
+
+def sources(results: dict) -> str:
+    measured = (f"measured at commit {results['commit'][:10]}" if results.get("commit")
+                else "measured at no commit") + \
         ("" if results.get("clean_tree") else " (uncommitted changes)")
+    again = results.get("predictions")
+    if again:
+        measured += (f"; predictions re-derived at commit {again['commit'][:10]} "
+                     f"({again['note']})")
+    return measured
+
+
+def markdown(results: dict) -> str:
     lines = [f"# BERT-large at its true size: {results['device']}", "",
              f"{results['setup']['rows']} SST-2 rows; vocabulary {results['setup']['vocabulary']}"
-             f"; {source}; whole benchmark {results['total_s'] / 60:.1f} min.", "",
-             *table(results["jobs"]), "", *cache_rows(results["jobs"]), "",
+             f"; {sources(results)}; whole benchmark {results['total_s'] / 60:.1f} min.", "",
+             *table(results["jobs"]), "", "Predicted GiB per process, term by term:", "",
+             *term_rows(results["jobs"]), "", *cache_rows(results["jobs"]), "",
              "Step time per phase, ms (mean after the first log window):", "",
              *step_rows(results["jobs"]), "", "Checks: " + json.dumps(results["checks"]), "",
              "## Beyond one machine, on paper", "", *results["extrapolation"]["lines"], "",
@@ -151,7 +186,7 @@ def plot(results: dict, path: Path) -> None:
     xs = range(len(jobs))
     ax.bar([x - 0.2 for x in xs], [j["measured_bytes"] / GiB for j in jobs], 0.4,
            label="measured peak RSS (largest rank)")
-    ax.bar([x + 0.2 for x in xs], [(j["predicted_bytes"] or 0) / GiB for j in jobs], 0.4,
+    ax.bar([x + 0.2 for x in xs], [j["predicted_bytes"] / GiB for j in jobs], 0.4,
            label="kdscale env's prediction")
     ax.set_xticks(list(xs), [j["job"] for j in jobs], rotation=30, ha="right", fontsize=7)
     ax.set(ylabel="GiB per process", title=f"BERT-large on {results['device']}")

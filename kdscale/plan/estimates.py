@@ -3,18 +3,23 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+from kdscale import configs
 from kdscale.cache.format import CacheError, read_manifest
 from kdscale.cache.sizes import row_bytes
 from kdscale.config import Config
-from kdscale.plan.memory import (
-    DTYPE_BYTES,
-    activation_bytes,
-    teacher_weight_bytes,
-    training_state_bytes,
-)
+from kdscale.plan.memory import DTYPE_BYTES, Term
 from kdscale.plan.sizes import ModelSizes
+from kdscale.plan.stages import (
+    MemoryInputs,
+    Model,
+    cache_stage,
+    distill_stage,
+    finetune_stage,
+)
+from kdscale.plan.zero import ZeroSettings, settings_from_dict
 from kdscale.tasks import get_task
 from kdscale.teacher import DEEPSPEED_CONFIGS, choose_placement, teacher_source
 
@@ -49,13 +54,9 @@ def teacher_estimate(config: Config, launch, sizes: ModelSizes,
         chosen = choose_placement(requested, weights, int((device_memory or 0) * GiB),
                                   launch.world_size)
         placement, why = chosen.name, chosen.reason
-    per_device = {name: teacher_weight_bytes(sizes.teacher_params, dtype, name,
-                                             launch.world_size)
-                  for name in ("replicate", "zero3", "zero3_offload")}
     return {"placement": placement, "why": why, "dtype": dtype, "weights": weights,
             "deepspeed": _teacher_deepspeed(config, placement),
-            "source": source, "runs_in": RUNS_IN[source],
-            "weights_per_device": per_device}
+            "source": source, "runs_in": RUNS_IN[source]}
 
 
 def _teacher_deepspeed(config: Config, placement: str) -> str:
@@ -131,21 +132,37 @@ def count_rows(train_file: str | None) -> int | None:
     return lines - (suffix != ".jsonl")
 
 
-def memory_estimate(config: Config, launch, sizes: ModelSizes, zero: dict,
-                    teacher: dict) -> dict:
-    """Bytes per device while distilling: the student's training state and activations,
-    plus the teacher's weights when it runs online beside it."""
-    weights, grads, optimizer = training_state_bytes(
-        sizes.student_params, launch.mixed_precision, zero["stage"], launch.world_size,
-        zero["offload_optimizer"], zero["offload_params"])
-    activations = activation_bytes(config.distill.batch_size, config.data.max_length,
-                                   sizes.student_hidden, sizes.student_heads,
-                                   sizes.student_layers, launch.mixed_precision)
-    student = {"weights": weights, "gradients": grads, "optimizer": optimizer,
-               "activations": activations}
-    placement = teacher["placement"]
-    per_device = teacher["weights_per_device"]
-    teacher_bytes = per_device.get(placement, per_device["replicate"])
-    online = teacher_bytes if teacher["source"] == "online" else 0.0
-    return {"student": student, "teacher_while_caching": teacher_bytes,
-            "distill_total": sum(student.values()) + online}
+def memory_inputs(config: Config, launch, sizes: ModelSizes, zeros: dict[str, ZeroSettings],
+                  teacher: dict, precisions: dict[str, str], device: str) -> MemoryInputs:
+    """The numbers the memory model reads. An unresolved `auto` placement is counted as a
+    replica (the larger of the two a device that fits it gets)."""
+    placement = "replicate" if teacher["placement"] == "auto" else teacher["placement"]
+    vocab = sizes.vocab_size
+    return MemoryInputs(
+        device=device, world=launch.world_size, max_length=config.data.max_length,
+        teacher=Model(sizes.teacher_params, sizes.teacher_layers, sizes.teacher_hidden,
+                      sizes.teacher_heads, vocab),
+        student=Model(sizes.student_params, sizes.student_layers, sizes.student_hidden,
+                      sizes.student_heads, vocab),
+        teacher_dtype=teacher["dtype"], placement=placement, source=teacher["source"],
+        teacher_zero=teacher_zero_settings(config, placement, sizes.teacher_hidden),
+        finetune_zero=zeros["finetune"], student_zero=zeros["distill"],
+        finetune_precision=precisions["finetune"], distill_precision=precisions["distill"],
+        cache_batch=config.cache.batch_size, finetune_batch=config.finetune.batch_size,
+        distill_batch=config.distill.batch_size)
+
+
+def teacher_zero_settings(config: Config, placement: str, hidden: int) -> ZeroSettings:
+    """The teacher engine's settings, its "auto" values filled as the runner fills them."""
+    if placement not in DEEPSPEED_CONFIGS:
+        return ZeroSettings()
+    path = config.teacher.deepspeed_config or configs.path(DEEPSPEED_CONFIGS[placement])
+    return settings_from_dict(json.loads(Path(path).read_text()), hidden)
+
+
+def memory_estimate(inputs: MemoryInputs, runtime: Term) -> dict:
+    """Bytes per process of each stage, term by term, and each stage's peak."""
+    return {"device": inputs.device, "runtime": runtime.to_dict(),
+            "cache": cache_stage(inputs, runtime),
+            "finetune": finetune_stage(inputs, runtime),
+            "distill": distill_stage(inputs, runtime)}

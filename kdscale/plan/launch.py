@@ -8,7 +8,6 @@ and nothing is loaded, so this runs in seconds on a login node.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -16,8 +15,15 @@ from pathlib import Path
 import yaml
 
 from kdscale.config import Config, ConfigError, TrainConfig
-from kdscale.plan.estimates import cache_estimate, memory_estimate, teacher_estimate
+from kdscale.plan.estimates import (
+    cache_estimate,
+    memory_estimate,
+    memory_inputs,
+    teacher_estimate,
+)
+from kdscale.plan.runtime import runtime_term
 from kdscale.plan.sizes import ModelSizes, model_sizes
+from kdscale.plan.zero import zero_settings
 
 
 @dataclass
@@ -86,28 +92,16 @@ def _checked(launch: Launch) -> Launch:
     return launch
 
 
-def zero_settings(deepspeed_file: str | None) -> dict:
-    """The student's ZeRO stage and offloading, from its DeepSpeed JSON."""
-    if deepspeed_file is None:
-        return {"stage": 0, "offload_optimizer": False, "offload_params": False}
-    zero = json.loads(Path(deepspeed_file).read_text()).get("zero_optimization", {})
-
-    def offloaded(key: str) -> bool:
-        return (zero.get(key) or {}).get("device", "none") not in ("none", None)
-
-    return {"stage": int(zero.get("stage", 0)), "offload_optimizer":
-            offloaded("offload_optimizer"), "offload_params": offloaded("offload_param")}
-
-
 @dataclass
 class Plan:
     launch: Launch
     sizes: ModelSizes
     batches: dict  # per stage: per device, accumulation, effective
-    student_zero: dict
-    teacher: dict  # placement, why, DeepSpeed stage, weight bytes per device
+    student_zero: dict  # the student's ZeRO settings (kdscale.plan.zero.ZeroSettings)
+    teacher: dict  # placement, why, DeepSpeed stage, weight bytes
     cache: dict  # location, whether written, bytes (measured or estimated)
-    memory: dict  # per device: student parts and teacher weights, bytes
+    memory: dict  # per process and stage: named terms, bytes, and each stage's peak
+    memory_inputs: dict  # the numbers the memory model read (kdscale.plan.stages)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -123,76 +117,21 @@ def batch_plan(train: TrainConfig, launch: Launch) -> dict:
             "effective": train.batch_size * accumulation * launch.world_size}
 
 
-def make_plan(config: Config, launch: Launch, device_memory: float | None) -> Plan:
-    launch = replace(launch, mixed_precision=training_precision(config.distill, launch))
+def make_plan(config: Config, launch: Launch, device_memory: float | None,
+              device: str = "cpu", runtime_gib: float | None = None,
+              measured_runtime: float | None = None) -> Plan:
+    """`device`: whose memory each process uses, a GPU's or (cpu) the host's;
+    `measured_runtime`: a process's bytes before any model, measured on this CPU."""
+    precisions = {"finetune": training_precision(config.finetune, launch),
+                  "distill": training_precision(config.distill, launch)}
+    launch = replace(launch, mixed_precision=precisions["distill"])
     sizes = model_sizes(config)
-    zero = zero_settings(launch.deepspeed_file)
+    zeros = {"finetune": zero_settings(launch.deepspeed_file, sizes.teacher_hidden),
+             "distill": zero_settings(launch.deepspeed_file, sizes.student_hidden)}
     teacher = teacher_estimate(config, launch, sizes, device_memory)
     batches = {"finetune": batch_plan(config.finetune, launch),
                "distill": batch_plan(config.distill, launch)}
-    return Plan(launch, sizes, batches, zero, teacher, cache_estimate(config, sizes),
-                memory_estimate(config, launch, sizes, zero, teacher))
-
-
-def _gib(value: float | None) -> str:
-    if value is None:
-        return "unknown"
-    if value >= 1024**3:
-        return f"{value / 1024**3:.2f} GiB"
-    return f"{value / 1024**2:.1f} MiB"
-
-
-# What the memory of distill holds, by where it reads teacher output from (teacher_source).
-DISTILL_TOTAL = {"cache": " (student; the teacher is read from the cache)",
-                 "online": " (student + online teacher)", "none": " (student; hard labels)"}
-
-
-def describe_plan(plan: Plan) -> str:
-    launch, sizes, teacher = plan.launch, plan.sizes, plan.teacher
-    zero = plan.student_zero
-    lines = [
-        f"launch        {launch.origin}",
-        f"world size    {launch.world_size} process(es) = {launch.nodes} node(s) x "
-        f"{launch.per_node} per node; distill precision {launch.mixed_precision}",
-    ]
-    for stage, batch in plan.batches.items():
-        lines.append(f"{stage:<14}{batch['per_device']} rows per device x "
-                     f"{batch['accumulation']} accumulation x {launch.world_size} = "
-                     f"effective batch {batch['effective']}")
-    offload = " + optimizer offload" if zero["offload_optimizer"] else ""
-    stage = f"DeepSpeed ZeRO-{zero['stage']}{offload} ({launch.deepspeed_file})" \
-        if launch.deepspeed_file else "no DeepSpeed (DDP)"
-    lines += [
-        f"student       {sizes.student_layers} layers, {sizes.student_params / 1e6:.1f}M "
-        f"parameters; {stage}",
-        f"teacher       {sizes.teacher_layers} layers, {sizes.teacher_params / 1e6:.1f}M "
-        f"parameters ({sizes.teacher_from}), {teacher['dtype']}; runs in: {teacher['runs_in']}",
-        f"  placement   {teacher['placement']}: {teacher['why']}",
-        f"  DeepSpeed   {teacher['deepspeed']}",
-        _cache_line(plan.cache),
-        "memory per device (estimates; the runtime and buffers come on top):",
-    ]
-    for part, value in plan.memory["student"].items():
-        lines.append(f"  student {part:<12}{_gib(value)}")
-    per_device = teacher["weights_per_device"]
-    lines.append(f"  teacher weights     {_gib(per_device['replicate'])} replicated, "
-                 f"{_gib(per_device['zero3'])} as a 1/{launch.world_size} ZeRO-3 shard")
-    lines.append(f"  distill total       {_gib(plan.memory['distill_total'])}"
-                 + DISTILL_TOTAL[teacher["source"]])
-    return "\n".join(lines)
-
-
-def _cache_line(cache: dict) -> str:
-    if not cache["read"]:
-        return f"cache         {cache['dir']}: {cache['why']}"
-    if cache["written"]:
-        return (f"cache         {cache['dir']}: written, {cache['examples']:,} examples, "
-                f"{cache['kind']} {cache['dtype']}, {_gib(cache['bytes'])} on disk")
-    rows = f"{cache['examples']:,} examples" if cache["examples"] else "rows unknown"
-    size = f"~{_gib(cache['bytes'])}" if cache["bytes"] else "size unknown"
-    return (f"cache         {cache['dir']}: not written yet; {rows} x "
-            f"{cache['bytes_per_row']} B ({cache['kind']} {cache['dtype']}) = {size}")
-
-
-
-
+    inputs = memory_inputs(config, launch, sizes, zeros, teacher, precisions, device)
+    memory = memory_estimate(inputs, runtime_term(device, runtime_gib, measured_runtime))
+    return Plan(launch, sizes, batches, asdict(zeros["distill"]), teacher,
+                cache_estimate(config, sizes), memory, inputs.to_dict())

@@ -27,7 +27,11 @@ class ModelSizes:
     student_hidden: int
     student_heads: int
     num_labels: int
-    vocab_size: int  # the teacher's: a masked LM's outputs, which set a cache's index width
+    teacher_hidden: int
+    teacher_heads: int
+    # the teacher's: a masked LM's outputs (which set a cache's index width) and the word
+    # embeddings, each model's largest tensor (vocab x hidden)
+    vocab_size: int
 
 
 def model_sizes(config: Config) -> ModelSizes:
@@ -37,7 +41,7 @@ def model_sizes(config: Config) -> ModelSizes:
     return ModelSizes(source, parameters_in_config(teacher, model_class), teacher.num_hidden_layers,
                       parameters_in_config(student, model_class), student.num_hidden_layers,
                       student.hidden_size, student.num_attention_heads, teacher.num_labels,
-                      teacher.vocab_size)
+                      teacher.hidden_size, teacher.num_attention_heads, teacher.vocab_size)
 
 
 def teacher_model_config(config: Config) -> tuple[PretrainedConfig, str]:

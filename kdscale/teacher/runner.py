@@ -10,7 +10,7 @@ import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from kdscale.config import Config
-from kdscale.distributed import free_port
+from kdscale.distributed import free_port, return_large_blocks_when_freed
 from kdscale.models import checkpoint_errors
 from kdscale.tasks import get_task
 from kdscale.teacher.placement import (
@@ -91,6 +91,7 @@ def _zero3_model(checkpoint: str | Path, dtype: torch.dtype, ds_config: dict, op
     from transformers.integrations import HfDeepSpeedConfig
 
     _ensure_process_group()
+    return_large_blocks_when_freed()  # each forward gathers and frees every layer
     # While this object lives, from_pretrained loads each weight straight into its ZeRO-3
     # shard: no process ever holds the whole teacher.
     hf_ds_config = HfDeepSpeedConfig(ds_config)

@@ -10,7 +10,11 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, set_seed
 
 from kdscale.config import TrainConfig
-from kdscale.distributed import process_state, uses_deepspeed
+from kdscale.distributed import (
+    process_state,
+    return_large_blocks_when_freed,
+    uses_deepspeed,
+)
 from kdscale.train.tracking import trackers
 
 
@@ -34,6 +38,9 @@ def make_accelerator(train: TrainConfig, seed: int, section: str = "train",
                               gradient_accumulation_plugin=accumulation,
                               log_with=log_with, project_dir=log_dir)
     _fill_deepspeed_autos(accelerator, train)
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None and plugin.zero_stage == 3:  # gathers churn large blocks
+        return_large_blocks_when_freed()
     set_seed(seed)
     return accelerator
 

@@ -54,22 +54,32 @@ def test_every_accelerate_config_plans(accelerate_config, bert_large, capsys, mo
     assert sizes["student_layers"] == 6  # uniform:6 in the experiment
 
 
+def terms(plan: dict, stage: str) -> dict[str, float]:
+    return {t["name"]: t["bytes"] for t in plan["memory"][stage]["terms"]}
+
+
 def test_more_processes_split_the_student_state_as_the_zero_stage_says(bert_large, capsys,
                                                                         monkeypatch):
     monkeypatch.chdir(REPO)
-    common = ["--teacher.model", str(bert_large), "--device_memory_gib", "80"]
+    common = ["--teacher.model", str(bert_large), "--device_memory_gib", "80",
+              "--device", "gpu"]
     one = plan_of(capsys, "--accelerate_config", "configs/accelerate/gpu_1.yaml", *common)
     many = plan_of(capsys, "--accelerate_config", "configs/accelerate/multi_node.yaml",
                    "--num_machines", "4", "--num_processes", "32", *common)
-    student_one, student_many = one["memory"]["student"], many["memory"]["student"]
-    # ZeRO-2 in bf16: gradients and optimizer state split 32 ways, the weights are whole.
+    student_one, student_many = terms(one, "distill"), terms(many, "distill")
+    # ZeRO-2 in bf16: master weights, moments and gradients split 32 ways, the weights whole.
     assert student_many["weights"] == student_one["weights"]
-    assert student_many["optimizer"] == pytest.approx(student_one["optimizer"] / 32)
-    assert student_many["gradients"] == pytest.approx(student_one["gradients"] / 32)
-    assert student_one["optimizer"] == 12 * one["sizes"]["student_params"]
+    for part in ("fp32 master weights", "Adam moments", "gradient partition"):
+        assert student_many[part] == pytest.approx(student_one[part] / 32)
+    params = one["sizes"]["student_params"]
+    assert student_one["Adam moments"] == 8 * params
+    assert student_one["weights"] == 2 * params
+    # zero2.json: two bf16 buckets of 5e7 elements (overlap_comm), whole on a GPU
+    assert student_one["reduce buckets"] == 2 * 50_000_000 * 2
     # BERT-large in bf16 (0.6 GiB) fits an 80 GiB device: a replica on every device.
     assert many["teacher"]["placement"] == "replicate"
     assert many["teacher"]["weights"] == 2 * many["sizes"]["teacher_params"]
+    assert terms(many, "cache")["teacher weights"] == many["teacher"]["weights"]
 
 
 def test_a_small_device_gets_a_sharded_teacher(bert_large, capsys, monkeypatch):
@@ -77,8 +87,7 @@ def test_a_small_device_gets_a_sharded_teacher(bert_large, capsys, monkeypatch):
     plan = plan_of(capsys, "--accelerate_config", "configs/accelerate/gpu_node.yaml",
                    "--teacher.model", str(bert_large), "--device_memory_gib", "1")
     assert plan["teacher"]["placement"] == "zero3"
-    assert plan["teacher"]["weights_per_device"]["zero3"] == pytest.approx(
-        plan["teacher"]["weights"] / 8)
+    assert terms(plan, "cache")["teacher shard"] == pytest.approx(plan["teacher"]["weights"] / 8)
 
 
 @pytest.mark.parametrize("source, overrides", [("cache", []),
@@ -93,9 +102,12 @@ def test_the_plan_reads_the_cache_only_when_distill_does(source, overrides, bert
     plan = plan_of(capsys, *common)
     assert plan["teacher"]["source"] == source
     assert plan["cache"]["read"] == (source == "cache")
-    student = sum(plan["memory"]["student"].values())
-    teacher = plan["teacher"]["weights_per_device"]["replicate"]
-    assert plan["memory"]["distill_total"] == student + (teacher if source == "online" else 0)
+    distill = terms(plan, "distill")
+    online = {name: value for name, value in distill.items() if name.startswith("online")}
+    assert bool(online) == (source == "online")
+    if online:  # the replica beside the student, as the cache stage counts it
+        assert online["online teacher: teacher weights"] == terms(plan, "cache")[
+            "teacher weights"]
     assert main(["env", "--config", "configs/sst2_bert_large.yaml", *common]) == 0
     cache_line = next(line for line in capsys.readouterr().out.splitlines()
                       if line.startswith("cache "))
@@ -154,5 +166,5 @@ def test_num_processes_without_an_accelerate_config_plans_that_many(bert_large, 
                    "--teacher.placement", "zero3")
     assert (plan["launch"]["world_size"], plan["launch"]["nodes"]) == (4, 1)
     assert plan["batches"]["distill"]["effective"] == 4 * plan["batches"]["distill"]["per_device"]
-    assert plan["memory"]["teacher_while_caching"] == pytest.approx(
+    assert terms(plan, "cache")["teacher shard"] == pytest.approx(
         plan["teacher"]["weights"] / 4)
