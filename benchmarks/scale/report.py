@@ -53,7 +53,7 @@ def checks(jobs: list[dict]) -> dict:
         out["caches_differing"] = [j["job"] for j in caches
                                    if j["shard_sha256"] != caches[0]["shard_sha256"]]
         out["caches_identical"] = not out["caches_differing"]
-    replicated = next((j for j in caches if j["job"] == "cache-replicate-x2"), None)
+    replicated = next((j for j in caches if j["job"].startswith("cache-replicate")), None)
     sharded = next((j for j in caches if j["job"] == "cache-zero3-x2"), None)
     if replicated and sharded:
         held = max(rank["params_held"] for rank in sharded["ranks"])
