@@ -57,13 +57,23 @@ def read_yaml(path: str | Path) -> dict:
         The file's mapping of sections.
 
     Raises:
-        ConfigError: the file is missing, is not YAML, or does not hold a mapping.
+        ConfigError: the file is missing, a folder, unreadable, not UTF-8, not YAML, or does
+            not hold a mapping.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; expected a YAML file")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        text = path.read_bytes().decode("utf-8")
+    except OSError as err:
+        raise ConfigError(f"config file {path} cannot be read: {err.strerror or err}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {err.start} is "
+                          f"{err.object[err.start]:#04x}); expected a YAML file") from None
+    try:
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
     if not isinstance(raw, dict):

@@ -104,6 +104,9 @@ CASES = {
     "empty text": Case("distill", data_file("train.jsonl", '{"sentence": "the plot", "label": 1}'
                                             '\n{"sentence": " ", "label": 0}\n'),
                        "rows with example ids [1] have no text in column 'sentence'"),
+    "text of no characters": Case("distill", data_file("train.jsonl", '{"sentence": "", "label": 0}'
+                                                      '\n{"sentence": "the plot", "label": 1}\n'),
+                                  "rows with example ids [0] have no text in column 'sentence'"),
     "finetune.eval_every": Case("config", sections(finetune={"eval_every": 5}),
                                 "finetune.eval_every: expected null (evaluation during training"),
     "teacher hidden size 10^9": Case("config", sections(teacher={"config": TINY | {
@@ -267,6 +270,9 @@ CASES = {
     "other dropout on resume": Case("distill", sections(student={"dropout": 0.1}),
                                     "(student.dropout differ: student.dropout: 0.0 there, "
                                     "0.1 now)"),
+    "other student layers on resume": Case("distill", sections(student={"layers": [1]}),
+                                           "(student.layers differ: student.layers: [0] there, "
+                                           "[1] now)"),
     "other temperature on resume": Case("distill", sections(loss={"temperature": 4.0}),
                                         "(loss.temperature differ"),
     "damaged checkpoint state": Case("distill", checkpoint(damaged_state),

@@ -50,12 +50,22 @@ def test_overwrite_builds_beside_the_cache_and_swaps_it_in_when_complete(pipe, t
     assert len(LogitCache(cache)) == 40
 
 
+def linked_out(cache):
+    """A shard swapped for a link to a file outside the cache (a copy of other bytes)."""
+    shard = cache / "shard-00001.safetensors"
+    outside = cache.parent / "elsewhere.safetensors"
+    outside.write_bytes(b"not this cache's shard")
+    shard.unlink()
+    shard.symlink_to(outside)
+
+
 @pytest.mark.parametrize("damage", [
     flip_a_bit,
     lambda c: (c / "shard-00002.safetensors").write_bytes(b"\0" * 8),  # truncated
     lambda c: (c / "shard-00000.safetensors").unlink(),
     nan_logits,
-], ids=["flipped bit", "truncated", "missing", "NaN values"])
+    linked_out,
+], ids=["flipped bit", "truncated", "missing", "NaN values", "linked out"])
 def test_kdscale_cache_rewrites_just_the_damaged_shards(pipe, tmp_path, damage, capsys):
     """What distill's refusal advises works: `kdscale cache` finds the damaged shards of a
     complete cache and rewrites those alone, to the bytes the teacher wrote the first time."""
@@ -73,6 +83,8 @@ def test_kdscale_cache_rewrites_just_the_damaged_shards(pipe, tmp_path, damage, 
     rewritten = [name for name, mtime in untouched.items()
                  if (cache / name).stat().st_mtime_ns != mtime]
     assert len(rewritten) <= 1 or damage is nan_logits
+    if damage is linked_out:  # replaced by a file of its own, never written through the link
+        assert (tmp_path / "elsewhere.safetensors").read_bytes() == b"not this cache's shard"
 
 
 def test_a_damaged_manifest_is_rebuilt_beside_with_overwrite(pipe, tmp_path):

@@ -179,3 +179,18 @@ def test_loss_schedules_and_online_only_losses():
         load_config(overrides=["--loss.hidden_mse", "1.0"])
     online = load_config(overrides=["--loss.hidden_mse", "1.0", "--teacher.source", "online"])
     assert online.loss.hidden_mse == 1.0
+
+
+@pytest.mark.parametrize("make, fragment", [
+    (lambda path: path.write_bytes(b"loss:\n  temperature: 2\n# caf\xe9\n"),
+     "is not UTF-8 text (byte 28 is 0xe9); expected a YAML file"),
+    (lambda path: path.mkdir(), "is a folder; expected a YAML file"),
+    (lambda path: path.write_text("loss: [unclosed\n"), "is not valid YAML"),
+    (lambda path: path.write_text("- a list\n"), "must hold a mapping of sections, got list"),
+])
+def test_a_config_file_that_cannot_be_read_is_named(tmp_path, make, fragment):
+    path = tmp_path / "experiment.yaml"
+    make(path)
+    with pytest.raises(ConfigError) as raised:
+        load_config(path)
+    assert str(raised.value).startswith(f"config file {path} {fragment}")

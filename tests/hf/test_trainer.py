@@ -224,11 +224,26 @@ def test_a_cache_that_misses_training_rows_is_refused(task, tokenizer, tmp_path)
         make_trainer(task, tokenizer, tmp_path, {"kd_cache": str(short)})
 
 
-def test_a_cache_of_another_file_with_as_many_rows_is_refused(task, tokenizer, tmp_path):
-    """The same row count and ids, other sentences: covering the ids is not enough."""
+def _reversed(rows: list[str]) -> list[str]:
+    return rows[::-1]
+
+
+def _one_label_flipped(rows: list[str]) -> list[str]:
+    last = json.loads(rows[-1])
+    return rows[:-1] + [json.dumps(last | {"label": 1 - last["label"]})]
+
+
+def _one_word_added(rows: list[str]) -> list[str]:
+    first = json.loads(rows[0])
+    return [json.dumps(first | {"sentence": first["sentence"] + " really"})] + rows[1:]
+
+
+@pytest.mark.parametrize("edit", [_reversed, _one_label_flipped, _one_word_added])
+def test_a_cache_of_another_file_with_as_many_rows_is_refused(task, tokenizer, tmp_path, edit):
+    """The same row count and ids, other rows: covering the ids is not enough."""
     rows = task.train_file.read_text().splitlines()
     other = tmp_path / f"other{task.train_file.suffix}"
-    other.write_text("\n".join(rows[:1] + rows[:0:-1]) + "\n")  # header, rows reversed
+    other.write_text("\n".join(edit(rows)) + "\n")
     cache = build_cache(task.teacher, other, tmp_path / "other_cache")
     with pytest.raises(KdscaleError, match="was built from other data than train_dataset: the "
                                            "rows' tokens or labels differ"):

@@ -1,6 +1,6 @@
-"""A job asked to stop (SIGTERM, SIGUSR1 or the stop file) checkpoints at its next logged
-step and leaves; rerunning it ends exactly where an uninterrupted run ends. A checkpoint that
-cannot be written is named and never loaded."""
+"""A job asked to stop (SIGTERM, SIGUSR1, Ctrl-C's SIGINT or the stop file) checkpoints at its
+next logged step and leaves; rerunning it ends exactly where an uninterrupted run ends. A
+checkpoint that cannot be written is named and never loaded."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def train(checkpoints, at_step=None, send=None, settings=SETTINGS) -> torch.Tens
     return torch.cat([p.detach().flatten() for p in accelerator.unwrap_model(model).parameters()])
 
 
-@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGUSR1])
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
 def test_a_signal_stops_at_the_next_logged_step_and_the_rerun_matches(tmp_path, stop_signal):
     uninterrupted = train(tmp_path / "whole")
     before = signal.getsignal(stop_signal)
