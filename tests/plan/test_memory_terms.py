@@ -119,14 +119,27 @@ def test_a_replica_holds_the_teacher_and_a_zero3_shard_a_share_of_it():
 
 
 def test_zero3_offload_on_a_cpu_is_not_free():
-    zero3 = cache_stage(inputs(placement="zero3"), RUNTIME)["total"]
+    zero3 = cache_stage(inputs(placement="zero3"), RUNTIME)
     offload = cache_stage(inputs(placement="zero3_offload"), RUNTIME)
-    assert offload["total"] == pytest.approx(zero3)
+    assert offload["total"] == pytest.approx(zero3["total"])
+    forward = sum(t["bytes"] for t in zero3["terms"])
     on_gpu = cache_stage(inputs(placement="zero3_offload", device="gpu"), RUNTIME)
     # the shard goes to host memory; NCCL gathers without gloo's extra copy
-    assert on_gpu["total"] == pytest.approx(zero3 - 335_000_000 * 4 / 2 - 30522 * 1024 * 4)
+    assert on_gpu["total"] == pytest.approx(forward - 335_000_000 * 4 / 2 - 30522 * 1024 * 4)
     shard = next(t for t in on_gpu["terms"] if t["name"] == "teacher shard")
     assert shard["where"] == "host"
+
+
+def test_a_zero3_teacher_on_a_cpu_peaks_where_the_main_process_reads_the_checkpoint():
+    stage = cache_stage(inputs(placement="zero3"), RUNTIME)
+    load = by_name_dicts({"terms": stage["load_terms"]})
+    assert load["teacher checkpoint"] == 4 * 335_000_000
+    assert load["teacher shard"] == 335_000_000 * 4 / 2
+    forward = sum(t["bytes"] for t in stage["terms"])
+    assert stage["total"] == pytest.approx(max(forward, sum(load.values())))
+    assert stage["total"] > forward  # BERT-large: the whole checkpoint outweighs the forward
+    assert cache_stage(inputs(), RUNTIME)["load_terms"] == []  # a replica reads its own
+    assert cache_stage(inputs(placement="zero3", device="gpu"), RUNTIME)["load_terms"] == []
 
 
 def test_distill_peaks_at_its_load_when_the_teacher_outweighs_the_student_state():
