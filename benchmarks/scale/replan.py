@@ -5,10 +5,10 @@ the teacher's shape, the sequence length and the cache's batch."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from benchmarks.scale.teacher import BERT_LARGE
+from kdscale.plan.estimates import teacher_zero_settings
 from kdscale.plan.memory import Term
 from kdscale.plan.stages import (
     MemoryInputs,
@@ -17,7 +17,7 @@ from kdscale.plan.stages import (
     distill_stage,
     finetune_stage,
 )
-from kdscale.plan.zero import settings_from_dict, zero_settings
+from kdscale.plan.zero import zero_settings
 
 REPO = Path(__file__).resolve().parents[2]
 STAGES = {"cache": cache_stage, "finetune": finetune_stage, "distill": distill_stage}
@@ -35,8 +35,6 @@ def memory_inputs(job: dict, settings: dict) -> MemoryInputs:
     shape = {**BERT_LARGE, **settings.get("teacher_shape", {})}
     hidden, vocab = shape["hidden_size"], shape["vocab_size"]
     ds_file = launch["deepspeed_file"] and REPO / launch["deepspeed_file"]
-    offload = "_offload" if teacher["placement"] == "zero3_offload" else ""
-    teacher_ds = json.loads((REPO / f"configs/deepspeed/teacher_zero3{offload}.json").read_text())
     precision = settings.get("precision", "fp32")
     return MemoryInputs(
         device="cpu", world=launch["world_size"], max_length=settings["max_length"],
@@ -45,7 +43,8 @@ def memory_inputs(job: dict, settings: dict) -> MemoryInputs:
         student=Model(sizes["student_params"], sizes["student_layers"],
                       sizes["student_hidden"], sizes["student_heads"], vocab),
         teacher_dtype=teacher["dtype"], placement=teacher["placement"],
-        source=teacher["source"], teacher_zero=settings_from_dict(teacher_ds, hidden),
+        source=teacher["source"],
+        teacher_zero=teacher_zero_settings(teacher["placement"], hidden),
         finetune_zero=zero_settings(ds_file, hidden),
         student_zero=zero_settings(ds_file, sizes["student_hidden"]),
         finetune_precision="no" if precision == "fp32" else precision,

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from kdscale import configs
@@ -19,7 +18,7 @@ from kdscale.plan.stages import (
     distill_stage,
     finetune_stage,
 )
-from kdscale.plan.zero import ZeroSettings, settings_from_dict
+from kdscale.plan.zero import ZeroSettings, zero_settings
 from kdscale.tasks import get_task
 from kdscale.teacher import DEEPSPEED_CONFIGS, choose_placement, teacher_source
 
@@ -145,19 +144,21 @@ def memory_inputs(config: Config, launch, sizes: ModelSizes, zeros: dict[str, Ze
         student=Model(sizes.student_params, sizes.student_layers, sizes.student_hidden,
                       sizes.student_heads, vocab),
         teacher_dtype=teacher["dtype"], placement=placement, source=teacher["source"],
-        teacher_zero=teacher_zero_settings(config, placement, sizes.teacher_hidden),
+        teacher_zero=teacher_zero_settings(placement, sizes.teacher_hidden,
+                                           config.teacher.deepspeed_config),
         finetune_zero=zeros["finetune"], student_zero=zeros["distill"],
         finetune_precision=precisions["finetune"], distill_precision=precisions["distill"],
         cache_batch=config.cache.batch_size, finetune_batch=config.finetune.batch_size,
         distill_batch=config.distill.batch_size)
 
 
-def teacher_zero_settings(config: Config, placement: str, hidden: int) -> ZeroSettings:
-    """The teacher engine's settings, its "auto" values filled as the runner fills them."""
+def teacher_zero_settings(placement: str, hidden: int,
+                          deepspeed_config: str | None = None) -> ZeroSettings:
+    """The teacher engine's settings (its own JSON, or kdscale's for the placement), its
+    "auto" values filled as the runner fills them."""
     if placement not in DEEPSPEED_CONFIGS:
         return ZeroSettings()
-    path = config.teacher.deepspeed_config or configs.path(DEEPSPEED_CONFIGS[placement])
-    return settings_from_dict(json.loads(Path(path).read_text()), hidden)
+    return zero_settings(deepspeed_config or configs.path(DEEPSPEED_CONFIGS[placement]), hidden)
 
 
 def memory_estimate(inputs: MemoryInputs, runtime: Term) -> dict:

@@ -93,12 +93,20 @@ def teacher_load_terms(m: MemoryInputs, runtime: Term) -> list[Term] | None:
     On a GPU the checkpoint is read in host memory."""
     if m.device == "gpu" or m.placement not in ("zero3", "zero3_offload"):
         return None
+    return [runtime, teacher_shard(m),
+            checkpoint_read_whole(m.teacher, "by the main process to scatter the partitions")]
+
+
+def teacher_shard(m: MemoryInputs) -> Term:
     t, w = m.teacher, DTYPE_BYTES[m.teacher_dtype]
-    return [runtime,
-            Term("teacher shard", t.params * w / m.world,
-                 f"{t.params / 1e6:.1f}M x {w} B / {m.world} processes"),
-            Term("teacher checkpoint", 4 * t.params, f"{t.params / 1e6:.1f}M x 4 B, read "
-                 "whole by the main process (memory-mapped pages) to scatter the partitions")]
+    return Term("teacher shard", t.params * w / m.world,
+                f"{t.params / 1e6:.1f}M x {w} B / {m.world} processes")
+
+
+def checkpoint_read_whole(teacher: Model, purpose: str) -> Term:
+    """A saved teacher read whole: fp32 on disk, its memory-mapped pages resident."""
+    return Term("teacher checkpoint", 4 * teacher.params, f"{teacher.params / 1e6:.1f}M x 4 B, "
+                f"read whole (memory-mapped pages) {purpose}")
 
 
 def finetune_stage(m: MemoryInputs, runtime: Term) -> dict:
@@ -159,8 +167,7 @@ def teacher_forward_terms(m: MemoryInputs, batch: int) -> list[Term]:
     if m.placement not in ("zero3", "zero3_offload"):
         return [Term("teacher weights", t.params * w, f"{t.params / 1e6:.1f}M x {w} B, a "
                      f"full copy ({m.placement})"), acts]
-    shard = Term("teacher shard", t.params * w / m.world,
-                 f"{t.params / 1e6:.1f}M x {w} B / {m.world} processes")
+    shard = teacher_shard(m)
     copies = 2 if m.device == "cpu" else 1  # gloo gathers into a flat copy, then the tensor
     gathered = Term("gathered layer", copies * t.largest * w,
                     f"the largest tensor ({t.largest / 1e6:.1f}M) gathered for its forward"
@@ -180,9 +187,7 @@ def student_build_terms(m: MemoryInputs, runtime: Term) -> list[Term] | None:
     before the student's training state exists. On a GPU that happens in CPU memory."""
     if m.device == "gpu":
         return None
-    t, s = m.teacher, m.student
-    return [runtime,
-            Term("teacher checkpoint", 4 * t.params, f"{t.params / 1e6:.1f}M x 4 B, read "
-                 "whole (memory-mapped pages) to build the student"),
+    s = m.student
+    return [runtime, checkpoint_read_whole(m.teacher, "to build the student"),
             Term("student copy", 4 * s.params, f"{s.params / 1e6:.1f}M x 4 B, before "
                  "DeepSpeed partitions it")]
