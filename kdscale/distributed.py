@@ -61,6 +61,12 @@ def uses_deepspeed() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
+def processes_on_this_machine(num_processes: int) -> int:
+    """This machine's share of the job's processes: they share its memory."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "0"))
+    return local or num_processes
+
+
 def check_launch_deepspeed_config() -> None:
     """The DeepSpeed JSON an accelerate config points at, checked before any work."""
     path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")

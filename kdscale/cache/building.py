@@ -1,6 +1,6 @@
 """Where and how a cache is built beside what it replaces: one job per cache folder (a lock
 beside it), a folder beside the cache for a replacement, and the swap that puts a finished
-replacement in the cache's place."""
+replacement in the cache's place; and whether a shard fits in memory while it is built."""
 
 from __future__ import annotations
 
@@ -73,3 +73,26 @@ def max_over_processes(value: int, state) -> int:
     tensor = torch.tensor([value], device=state.device)
     torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
     return int(tensor.item())
+
+
+# A shard is held as its batches' stored rows while it fills, then joined into one copy,
+# then serialized into a third just before it is written.
+SHARD_COPIES = 3
+
+
+def check_shard_fits(batch: dict[str, torch.Tensor], batch_examples: int, shard_examples: int,
+                     processes: int, available: int) -> None:
+    """CacheError, before the teacher has run past its first batch, when the largest shard
+    would not fit in this process's share of the machine's free memory. The first batch
+    holds the longest examples (the plan sorts them first), so the estimate errs high."""
+    per_example = sum(t.numel() * t.element_size() for t in batch.values()) / batch_examples
+    need = per_example * shard_examples * SHARD_COPIES
+    share = available / processes
+    if need > share:
+        fits = max(int(share / (per_example * SHARD_COPIES)), 1)
+        raise CacheError(
+            f"cache.shard_rows: a shard of {shard_examples:,} examples would take about "
+            f"{need / 2**30:.1f} GiB of memory while it is written ({per_example / 2**10:,.1f} "
+            f"KiB an example, held {SHARD_COPIES} times at its peak), more than the "
+            f"{share / 2**30:.1f} GiB free for each of this machine's {processes} process(es); "
+            f"set cache.shard_rows to {fits:,} or fewer")

@@ -49,6 +49,18 @@ def shard_tensors(example_ids: Any, logits: Any, values: Any, indices: Any, posi
     return {"example_ids": ids, **out}
 
 
+def join_shard_tensors(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """One shard from the `shard_tensors` of its batches, in order: a shard is kept as stored
+    rows while it fills, never as the teacher's float32 ones (a wide row, such as every logit
+    of a vocabulary, would otherwise hold several times the shard's bytes)."""
+    joined = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+    if "examples" in joined:
+        _refuse_repeats(joined["examples"], "the rows of an example must be contiguous")
+    else:
+        _refuse_repeats(joined["example_ids"], "each example is cached once")
+    return joined
+
+
 def _int_vector(name: str, x: Any) -> torch.Tensor:
     t = torch.as_tensor(x).detach().cpu()
     if t.dim() == 1 and t.numel() == 0:

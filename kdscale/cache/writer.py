@@ -55,13 +55,20 @@ def write_shard(
     teacher's mass off each row's slots, for a cache with a tail slot. Top-k indices are
     stored as `index_dtype` (None: the narrowest `num_outputs` needs, as `finalize_cache`).
     """
+    tensors = shard_tensors(example_ids, logits, values, indices, positions, empty_ids,
+                            dtype=dtype, num_outputs=num_outputs, k=k, tail=tail,
+                            index_dtype=index_dtype)
+    return write_shard_tensors(directory, index, tensors, plan_id=plan_id)
+
+
+def write_shard_tensors(directory: str | os.PathLike, index: int,
+                        tensors: dict[str, torch.Tensor], *, plan_id: str) -> dict[str, Any]:
+    """Writes shard `index` from tensors `shard_tensors` (or `join_shard_tensors`) already
+    checked and cast, then its sidecar; returns the sidecar."""
     if not is_int(index, 0):
         raise CacheError(f"index: expected an integer >= 0, got {index!r}")
     if not (isinstance(plan_id, str) and plan_id):
         raise CacheError(f"plan_id: expected a non-empty string, got {plan_id!r}")
-    tensors = shard_tensors(example_ids, logits, values, indices, positions, empty_ids,
-                            dtype=dtype, num_outputs=num_outputs, k=k, tail=tail,
-                            index_dtype=index_dtype)
     directory = Path(directory)
     if (directory / MANIFEST_NAME).is_file():
         raise CacheError(f"{directory} already holds a complete logit cache; {OVERWRITE}")

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import torch
 from transformers import AutoConfig, PreTrainedTokenizerBase
 
@@ -21,19 +22,25 @@ from kdscale.cache import (
     finalize_cache,
     finished_shards,
     read_manifest,
-    write_shard,
 )
 from kdscale.cache.audit import FidelityAudit, describe
-from kdscale.cache.building import build_lock, max_over_processes, staging_dir, swap_in
+from kdscale.cache.building import (
+    build_lock,
+    check_shard_fits,
+    max_over_processes,
+    staging_dir,
+    swap_in,
+)
 from kdscale.cache.format import MANIFEST_NAME, shard_plan_id
 from kdscale.cache.plan import ShardPlan, plan_id, plan_shards
+from kdscale.cache.rows import join_shard_tensors, shard_tensors
 from kdscale.cache.sizes import row_bytes
 from kdscale.cache.verify import damaged_shards, reopen_for_repair
-from kdscale.cache.writer import resolve_index_dtype
+from kdscale.cache.writer import resolve_index_dtype, write_shard_tensors
 from kdscale.config import Config, ConfigError
 from kdscale.config.schedules import Schedule
 from kdscale.data import TaskData, check_sources, check_unknown_rate
-from kdscale.distributed import process_state
+from kdscale.distributed import process_state, processes_on_this_machine
 from kdscale.files import check_writable
 from kdscale.models import (
     check_inputs_fit,
@@ -248,7 +255,12 @@ def write_shards(job: CacheJob, runner: TeacherRunner, shards: list[int], state,
             entries = cache_entries(job.task, job.layout, outputs, batch)
             if audit is not None:
                 audit.add(full_rows(job.task, job.layout, outputs, batch))
-        pending.setdefault(shard, []).append(entries)
+        pending.setdefault(shard, []).append(stored(job, entries))
+        if step == 0:
+            check_shard_fits(pending[shard][0], len(batch_rows),
+                             max(len(rows) for rows in job.plan.shards),
+                             processes_on_this_machine(state.num_processes),
+                             psutil.virtual_memory().available)
         examples[shard] = examples.get(shard, 0) + len(batch_rows)
         rows_done += len(batch_rows)
         progress.update(len(batch_rows) * state.num_processes)
@@ -260,15 +272,21 @@ def write_shards(job: CacheJob, runner: TeacherRunner, shards: list[int], state,
             "params_held": runner.params_held}
 
 
+def stored(job: CacheJob, entries: dict) -> dict:
+    """A batch's entries checked and cast to the cache's dtypes now: a bad row fails at its
+    batch, and a shard fills at its stored size."""
+    meta = job.meta
+    return shard_tensors(entries["example_ids"], entries.get("logits"), entries.get("values"),
+                         entries.get("indices"), entries.get("positions"),
+                         entries.get("empty_ids"), dtype=meta["dtype"],
+                         num_outputs=meta["num_outputs"], k=meta["k"], tail=entries.get("tail"),
+                         index_dtype=meta["index_dtype"])
+
+
 def _write(job: CacheJob, shard: int, parts: list[dict]) -> None:
-    """One shard from its batches' entries, concatenated in batch order (an example's
-    rows stay contiguous)."""
-    tensors = {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
-    write_shard(job.directory, shard, dtype=job.meta["dtype"],
-                num_outputs=job.meta["num_outputs"], k=job.meta["k"], plan_id=job.plan_id,
-                index_dtype=job.meta["index_dtype"], **tensors)
-
-
+    """One shard from its batches' stored rows, in batch order (an example's rows stay
+    contiguous)."""
+    write_shard_tensors(job.directory, shard, join_shard_tensors(parts), plan_id=job.plan_id)
 
 
 def _gather(stats: dict, state) -> list[dict]:

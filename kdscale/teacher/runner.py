@@ -10,7 +10,11 @@ import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from kdscale.config import Config
-from kdscale.distributed import free_port, return_large_blocks_when_freed
+from kdscale.distributed import (
+    free_port,
+    processes_on_this_machine,
+    return_large_blocks_when_freed,
+)
 from kdscale.models import checkpoint_errors
 from kdscale.tasks import get_task
 from kdscale.teacher.placement import (
@@ -67,7 +71,7 @@ def load_runner(config: Config, state, batch_size: int,
     dtype = compute_dtype(config.teacher.precision)
     num_params = parameter_count(config.teacher_dir, model_class)
     weight_bytes = num_params * torch.finfo(dtype).bits // 8
-    local_processes = state.num_processes // max(_num_machines(), 1)
+    local_processes = processes_on_this_machine(state.num_processes)
     placement = choose_placement(config.teacher.placement, weight_bytes,
                                  free_memory_per_process(local_processes), state.num_processes)
     state.print(f"teacher placement: {placement.name} ({placement.reason})")
@@ -77,12 +81,6 @@ def load_runner(config: Config, state, batch_size: int,
         ds_config = deepspeed_config(config.teacher, placement.name, batch_size, dtype, hidden)
     return TeacherRunner(config.teacher_dir, placement.name, dtype, ds_config, num_params,
                          attn_implementation, model_class)
-
-
-def _num_machines() -> int:
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "0"))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return world // local if local else 1
 
 
 def _zero3_model(checkpoint: str | Path, dtype: torch.dtype, ds_config: dict, options: dict,

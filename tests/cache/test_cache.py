@@ -22,6 +22,8 @@ from kdscale.cache import (
     read_manifest,
     write_shard,
 )
+from kdscale.cache.rows import join_shard_tensors, shard_tensors
+from kdscale.cache.writer import write_shard_tensors
 from tests.support.cache import DTYPES, META, MLM, assert_bits_equal, dense_rows, write_dense
 
 
@@ -188,10 +190,27 @@ def masked_rows(n=11, k=3, vocab=50):
     return ids, counts, rows_of
 
 
-@pytest.mark.parametrize("writer", ["write_shard", "CacheWriter"])
+def write_joined_batches(directory, rows_of) -> None:
+    """Two shards, each joined from batches stored one by one (as `kdscale cache` builds
+    them): examples without rows fall inside a batch and at batch edges."""
+    settings = {"dtype": "float32", "num_outputs": 50, "k": 3}
+    for i, batches in enumerate([[slice(0, 3), slice(3, 6)], [slice(6, 9), slice(9, 11)]]):
+        parts = []
+        for part in batches:
+            rows = rows_of(part)
+            parts.append(shard_tensors(rows.pop("example_ids"), None, rows.pop("values"),
+                                       rows.pop("indices"), rows.pop("positions"),
+                                       rows.pop("empty_ids"), **settings))
+        write_shard_tensors(directory, i, join_shard_tensors(parts), plan_id="mlm")
+    finalize_cache(directory, num_shards=2, plan_id="mlm", **MLM)
+
+
+@pytest.mark.parametrize("writer", ["write_shard", "CacheWriter", "joined batches"])
 def test_per_position_topk_round_trip(tmp_path, writer):
     ids, counts, rows_of = masked_rows()
-    if writer == "write_shard":
+    if writer == "joined batches":
+        write_joined_batches(tmp_path, rows_of)
+    elif writer == "write_shard":
         for i, part in enumerate([slice(0, 6), slice(6, 11)]):
             write_shard(tmp_path, i, plan_id="mlm", k=3, num_outputs=50, dtype="float32",
                         **rows_of(part))
@@ -210,6 +229,16 @@ def test_per_position_topk_round_trip(tmp_path, writer):
     assert_bits_equal(got.values, torch.cat([w["values"] for w in want]))
     for key in ("indices", "positions"):  # int64, what torch.gather and indexing take
         assert torch.equal(getattr(got, key), torch.cat([w[key] for w in want]))
+
+
+def test_joined_batches_refuse_an_example_twice():
+    _, _, rows_of = masked_rows()
+    settings = {"dtype": "float32", "num_outputs": 50, "k": 3}
+    rows = rows_of(slice(1, 3))  # example 1's rows, then example 2's
+    part = shard_tensors(rows["example_ids"], None, rows["values"], rows["indices"],
+                         rows["positions"], rows["empty_ids"], **settings)
+    with pytest.raises(CacheError, match=r"example id 17 appears twice"):
+        join_shard_tensors([part, part])
 
 
 def test_collator_attaches_the_keys_of_each_kind(tmp_path):
