@@ -16,6 +16,7 @@ def check_config(config: Config) -> None:
     """Impossible values stop here, before any model or data is touched."""
     _validate_loss(config)
     _validate_augment(config)
+    _validate_unlabelled(config)
     _validate_ensemble(config.cache)
     _validate_tail(config)
     _check(not (config.cache.dtype == "int8" and config.cache.kind == "dense"), "cache.dtype",
@@ -25,7 +26,8 @@ def check_config(config: Config) -> None:
            "null when teacher.source is online", config.cache.ensemble)
     for section in ("finetune", "distill"):
         _validate_train(getattr(config, section), section)
-    for key in ("max_length", "max_train_examples", "max_eval_examples"):
+    for key in ("max_length", "max_train_examples", "max_eval_examples",
+                "max_unlabelled_examples"):
         value = getattr(config.data, key)
         _check(value is None or value > 0, f"data.{key}", "an integer > 0", value)
     for key, value in (("cache.shard_rows", config.cache.shard_rows), ("cache.k", config.cache.k),
@@ -100,6 +102,18 @@ def _validate_augment(config: Config) -> None:
     # Copies have no label: with no soft term they would only dilute the hard one.
     _check(Schedule.from_value(config.loss.alpha).bounds()[1] > 0, "data.augment.copies",
            "0 when loss.alpha is 0 throughout (copies carry the soft term only)", aug.copies)
+
+
+def _validate_unlabelled(config: Config) -> None:
+    if config.data.unlabelled_file is None:
+        return
+    _check(config.task == "classification", "data.unlabelled_file",
+           f"null for task {config.task} (unlabelled text is read by task classification)",
+           config.data.unlabelled_file)
+    # Unlabelled rows carry the soft term only: with none they would only dilute the hard one.
+    _check(Schedule.from_value(config.loss.alpha).bounds()[1] > 0, "data.unlabelled_file",
+           "null when loss.alpha is 0 throughout (unlabelled rows carry the soft term only)",
+           config.data.unlabelled_file)
 
 
 def _validate_ensemble(cache: CacheConfig) -> None:

@@ -105,6 +105,11 @@ class DataConfig:
     # task question-answering: overlap (in tokens) of the windows a long context is cut into
     doc_stride: int = 128
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # In-domain text without labels, which the teacher labels in its cache: more transfer set
+    # for distillation (task classification; kdscale.data.unlabelled). Read with the text
+    # columns above; a label column in it is ignored. The teacher's fine-tuning never reads it.
+    unlabelled_file: str | None = None
+    max_unlabelled_examples: int | None = None  # keep its first N rows
 
 
 @dataclass

@@ -33,7 +33,7 @@ def check_sources(cfg: DataConfig) -> None:
     """Fail fast on files or settings that cannot work, before any model is loaded."""
     if cfg.dataset is None and cfg.train_file is None:
         raise DataError("data: set data.train_file (a local file) or data.dataset (a hub name)")
-    for key in ("train_file", "eval_file"):
+    for key in ("train_file", "eval_file", "unlabelled_file"):
         path = getattr(cfg, key)
         if path is None:
             continue
@@ -49,7 +49,8 @@ def check_sources(cfg: DataConfig) -> None:
         columns = _peek_columns(Path(path), key)
         if columns is not None:
             renamed = [(cfg.rename_columns or {}).get(c, c) for c in columns]
-            _check_columns(renamed, cfg, f"data file {path}")
+            _check_columns(renamed, cfg, f"data file {path}",
+                           labelled=key != "unlabelled_file")
 
 
 def _not_a_file(path: Path) -> str:
@@ -143,6 +144,22 @@ def load_raw(cfg: DataConfig, split: str) -> datasets.Dataset:
     return raw.select(range(min(limit, len(raw)))) if limit else raw
 
 
+def load_unlabelled(cfg: DataConfig) -> datasets.Dataset:
+    """The text columns of `data.unlabelled_file` (renamed as the training file's), its
+    first `data.max_unlabelled_examples` rows."""
+    check_sources(cfg)
+    path = Path(cfg.unlabelled_file)
+    raw = _load_file(path, "unlabelled")
+    raw = raw.rename_columns({k: v for k, v in (cfg.rename_columns or {}).items()
+                              if k in raw.column_names})
+    _check_columns(raw.column_names, cfg, f"data file {path}", labelled=False)
+    if len(raw) == 0:
+        raise DataError(f"data.unlabelled_file: data file {path} has no rows")
+    texts = [c for c in (cfg.text_column, cfg.text_pair_column) if c]
+    limit = cfg.max_unlabelled_examples
+    return raw.select_columns(texts).select(range(min(limit or len(raw), len(raw))))
+
+
 def _load_file(path: Path, split: str) -> datasets.Dataset:
     builder, kwargs = _BUILDERS[path.suffix]
     try:
@@ -182,8 +199,10 @@ def _check_label_values(raw: datasets.Dataset, cfg: DataConfig, where: str) -> N
                         f"distilled as classes)")
 
 
-def _check_columns(columns: list[str], cfg: DataConfig, where: str) -> None:
-    for key in ("text_column", "text_pair_column", "label_column"):
+def _check_columns(columns: list[str], cfg: DataConfig, where: str,
+                   labelled: bool = True) -> None:
+    keys = ("text_column", "text_pair_column") + (("label_column",) if labelled else ())
+    for key in keys:
         column = getattr(cfg, key)
         if column is not None and column not in columns:
             raise DataError(f"data.{key}: column {column!r} is not in {where}; "

@@ -13,6 +13,7 @@ import datasets
 from kdscale.config import DataConfig
 from kdscale.data.augment import COPY_COLUMN, NO_LABEL, with_copies
 from kdscale.data.sources import DataError, label_names_of, load_raw
+from kdscale.data.unlabelled import with_unlabelled
 
 # A tokenizer that knows the data leaves a small share of tokens unknown (under 1% for a
 # WordPiece vocabulary on English text); one without its vocabulary files leaves nearly all.
@@ -20,8 +21,6 @@ UNKNOWN_SHARE_LIMIT = 0.5
 SAMPLE_ROWS = 256
 DEFAULT_LABEL = re.compile(r"LABEL_\d+")  # transformers' name for output i without id2label
 MODEL_COLUMNS = ["input_ids", "attention_mask", "token_type_ids", "labels", "example_id"]
-
-
 
 
 @dataclass
@@ -41,36 +40,26 @@ class TaskData:
                 for values in zip(*columns.values(), strict=True)]
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 def tokenize_labelled(cfg: DataConfig, tokenizer, split: str,
             label_names: list[str] | None = None, augment: bool = False) -> TaskData:
     """Load, tokenize and fingerprint one split. Pass the training split's `label_names` when
     preparing the eval split, so string labels map to the same ids. `augment`: add the
-    training rows' `data.augment` copies (labelled NO_LABEL), as distillation reads them."""
+    distillation's transfer set (labelled NO_LABEL): the training rows' `data.augment`
+    copies and `data.unlabelled_file`'s rows."""
     raw = load_raw(cfg, split)
-    if augment and cfg.augment.copies:
-        if cfg.augment.mask_prob > 0 and tokenizer.mask_token is None:
-            raise DataError("data.augment.mask_prob: the teacher's tokenizer has no mask "
-                            "token; expected data.augment.mask_prob 0")
-        raw = with_copies(raw, cfg, tokenizer.mask_token)
     label_names = label_names or label_names_of(raw, cfg)
     label_ids = {name: i for i, name in enumerate(label_names)}
     is_class_label = isinstance(raw.features[cfg.label_column], datasets.ClassLabel)
+    unknown = set(map(str, raw.unique(cfg.label_column))) - set(label_names)
+    if not is_class_label and unknown:
+        raise DataError(_unknown_labels(split, sorted(unknown), label_names))
+    if augment:
+        raw = with_unlabelled(with_augmented_copies(raw, cfg, tokenizer), cfg)
+
+    def label_id(copy: int, label) -> int:
+        if copy or label is None:  # a copy or an unlabelled row: the teacher labels it
+            return NO_LABEL
+        return label if is_class_label else label_ids[str(label)]
 
     def tokenize(batch: dict) -> dict:
         _check_texts(batch, cfg)
@@ -78,19 +67,25 @@ def tokenize_labelled(cfg: DataConfig, tokenizer, split: str,
         encoded = tokenizer(batch[cfg.text_column], pairs, truncation=True,
                             max_length=cfg.max_length)
         labels = batch[cfg.label_column]
-        labels = labels if is_class_label else [label_ids[str(v)] for v in labels]
         copies = batch.get(COPY_COLUMN, [0] * len(labels))
-        encoded["labels"] = [NO_LABEL if copy else label
+        encoded["labels"] = [label_id(copy, label)
                              for copy, label in zip(copies, labels, strict=True)]
         return encoded
 
-    unknown = set(map(str, raw.unique(cfg.label_column))) - set(label_names)
-    if not is_class_label and unknown:
-        raise DataError(_unknown_labels(split, sorted(unknown), label_names))
     keep = {"example_id"}
     tokenized = raw.map(tokenize, batched=True, desc=f"tokenizing {split}",
                         remove_columns=[c for c in raw.column_names if c not in keep])
     return TaskData(tokenized, label_names, fingerprint(tokenized, cfg.max_length))
+
+
+def with_augmented_copies(raw: datasets.Dataset, cfg: DataConfig,
+                          tokenizer) -> datasets.Dataset:
+    if not cfg.augment.copies:
+        return raw
+    if cfg.augment.mask_prob > 0 and tokenizer.mask_token is None:
+        raise DataError("data.augment.mask_prob: the teacher's tokenizer has no mask "
+                        "token; expected data.augment.mask_prob 0")
+    return with_copies(raw, cfg, tokenizer.mask_token)
 
 
 def _unknown_labels(split: str, unknown: list[str], label_names: list[str]) -> str:
@@ -134,14 +129,6 @@ def fingerprint(dataset: datasets.Dataset, max_length: int) -> str:
                 column = column.flatten()
             digest.update(column.to_numpy(zero_copy_only=False).astype("int64").tobytes())
     return digest.hexdigest()
-
-
-
-
-
-
-
-
 
 
 def tokenized_fingerprint(dataset: datasets.Dataset, max_length: int) -> str:

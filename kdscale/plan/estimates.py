@@ -81,15 +81,28 @@ def cache_estimate(config: Config, sizes: ModelSizes) -> dict:
         return {"dir": str(directory), "read": True, "written": True,
                 "examples": manifest.num_examples, "kind": manifest.kind,
                 "dtype": manifest.dtype, "bytes": on_disk}
-    examples = config.data.max_train_examples or count_rows(config.data.train_file)
-    if examples:  # an augmented copy is an example of its own
-        examples *= 1 + config.data.augment.copies
+    examples = transfer_set_rows(config.data)
     row = bytes_per_row(config, sizes) * rows_per_example(config)
     kind = "topk per position" if get_task(config.task).per_position else \
         "dense" if config.task == "question-answering" else config.cache.kind
     return {"dir": str(directory), "read": True, "written": False, "examples": examples,
             "kind": kind, "dtype": config.cache.dtype, "bytes_per_row": row,
             "bytes": row * examples if examples else None}
+
+
+def transfer_set_rows(data) -> int | None:
+    """The examples distillation's cache holds: the training rows, each augmented copy, and
+    the unlabelled rows; None where a count is unknown (a hub dataset)."""
+    examples = data.max_train_examples or count_rows(data.train_file)
+    if not examples:
+        return examples
+    examples *= 1 + data.augment.copies  # an augmented copy is an example of its own
+    if data.unlabelled_file is None:
+        return examples
+    unlabelled = count_rows(data.unlabelled_file)
+    if unlabelled is None:
+        return None
+    return examples + min(unlabelled, data.max_unlabelled_examples or unlabelled)
 
 
 def bytes_per_row(config: Config, sizes: ModelSizes) -> int:
@@ -119,16 +132,16 @@ def rows_per_example(config: Config) -> int:
     return tokens if config.task == "token-classification" else 1
 
 
-def count_rows(train_file: str | None) -> int | None:
-    """Rows of a local line-oriented training file (header excluded); None when unknown."""
-    if not train_file or not Path(train_file).is_file():
+def count_rows(path: str | None) -> int | None:
+    """Rows of a local line-oriented data file (header excluded); None when unknown."""
+    if not path or not Path(path).is_file():
         return None
-    suffix = Path(train_file).suffix
-    if suffix not in (".csv", ".tsv", ".jsonl"):
+    suffix = Path(path).suffix
+    if suffix not in (".csv", ".tsv", ".jsonl", ".txt"):
         return None
-    with open(train_file, "rb") as file:
+    with open(path, "rb") as file:
         lines = sum(1 for line in file if line.strip())
-    return lines - (suffix != ".jsonl")
+    return lines - (suffix in (".csv", ".tsv"))
 
 
 def memory_inputs(config: Config, launch, sizes: ModelSizes, zeros: dict[str, ZeroSettings],

@@ -28,10 +28,15 @@ class SequenceClassification(Task):
 
     def cache_layout(self, config: Config, model_config) -> CacheLayout:
         layout = super().cache_layout(config, model_config)
-        if not config.data.augment.copies:
-            return layout
-        # Recorded so that a cache of other copies (or none) is refused by name.
-        return replace(layout, masking={"augment": asdict(config.data.augment)})
+        data = config.data
+        # Recorded so that a cache of another transfer set (other copies, other unlabelled
+        # rows, or none) is refused by name, not only by its data fingerprint.
+        masking = {}
+        if data.augment.copies:
+            masking["augment"] = asdict(data.augment)
+        if data.unlabelled_file is not None:
+            masking["unlabelled"] = {"max_examples": data.max_unlabelled_examples}
+        return replace(layout, masking=masking) if masking else layout
 
     @torch.inference_mode()
     def metrics(self, model: torch.nn.Module, loader, data: TaskData) -> dict:
