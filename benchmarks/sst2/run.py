@@ -29,7 +29,7 @@ from benchmarks.sst2.ablation import cumulative, run_ablation
 from benchmarks.sst2.baseline_side import run_baseline
 from benchmarks.sst2.evaluation import Evaluator
 from benchmarks.sst2.kdscale_side import kdscale_config, merge, run_kdscale
-from benchmarks.sst2.split import HeldOut, hold_out
+from benchmarks.sst2.split import HeldOut, hold_out, write_unlabelled
 from kdscale.models import load_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -48,6 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_train_examples", type=int)
     p.add_argument("--max_eval_examples", type=int, help="fewer dev and test rows (tests)")
     p.add_argument("--seeds", type=int, nargs="+")
+    p.add_argument("--unlabelled_rows", type=int,
+                   help="rows after the labelled ones that the KD students read unlabelled")
     p.add_argument("--latency_batches", type=int, help="timed batches per model (tests: few)")
     p.add_argument("--skip_baseline", action="store_true",
                    help="kdscale side only (the ablation needs the baseline: skipped too)")
@@ -73,7 +75,7 @@ def load_settings(args: argparse.Namespace) -> dict:
     settings = yaml.safe_load(args.settings.read_text())
     if args.full:
         settings["max_train_examples"] = None
-    for key in ("max_train_examples", "seeds"):
+    for key in ("max_train_examples", "seeds", "unlabelled_rows"):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
     settings["run_controls"] = not args.skip_controls
@@ -111,8 +113,12 @@ def make_split(settings: dict, work: Path) -> tuple[HeldOut, dict]:
     data, held = settings["experiment"]["data"], settings["test_split"]
     split = hold_out(Path(data["train_file"]), work / "split", held["rows"], held["seed"],
                      data["text_column"], data["label_column"])
-    return split, merge(settings, {"experiment": {"data": {"train_file":
-                                                           str(split.train_file)}}})
+    files = {"train_file": str(split.train_file)}
+    if settings["unlabelled_rows"]:
+        files["unlabelled_file"] = str(write_unlabelled(
+            split, settings["max_train_examples"], settings["unlabelled_rows"],
+            data["text_column"]))
+    return split, merge(settings, {"experiment": {"data": files}})
 
 
 def portable(settings: dict) -> dict:

@@ -7,6 +7,10 @@ writes two files to its work folder: `train.tsv`, the rows left for training in 
 and `test.tsv`, the held-out rows. Both sides read their training rows (and their first
 `max_train_examples`, and the augmented copies made from them) from the first file only.
 
+With `unlabelled_rows`, a third file, `unlabelled.tsv`: that many of the rows after the
+labelled ones (the first `max_train_examples`), their text alone. kdscale's KD students read it
+as `data.unlabelled_file`, text the teacher labels in the cache; no label of it is read.
+
 A training row whose text equals a held-out row's (train.tsv repeats a few hundred phrases)
 is left out of training too, so no held-out text is ever trained on. Each row keeps its
 place in the source file in a `source_row` column (0: the first row after the header):
@@ -91,3 +95,20 @@ def hold_out(source: Path, folder: Path, rows: int, seed: int, text_column: str,
     write_tsv(split.train_file, header, [table[i] for i in kept], kept)
     write_tsv(split.test_file, header, [table[i] for i in test_rows], test_rows)
     return split
+
+
+def write_unlabelled(split: HeldOut, labelled: int | None, rows: int,
+                     text_column: str) -> Path:
+    """split.train_file's `rows` rows after its first `labelled`, text (and source row) only,
+    to unlabelled.tsv beside it."""
+    if labelled is None or labelled + rows > split.train_rows:
+        left = 0 if labelled is None else split.train_rows - labelled
+        raise SystemExit(f"unlabelled_rows: {rows} rows after the {labelled or 'all'} labelled "
+                         f"ones; the split leaves {left}")
+    header, table = read_tsv(split.train_file)
+    text, source = header.index(text_column), header.index(SOURCE_ROW)
+    picked = table[labelled:labelled + rows]
+    path = split.train_file.with_name("unlabelled.tsv")
+    write_tsv(path, [text_column], [[row[text]] for row in picked],
+              [int(row[source]) for row in picked])
+    return path

@@ -85,17 +85,26 @@ def time_rows(results: dict) -> list[str]:
     return lines
 
 
+def transfer_rows_text(results: dict) -> str:
+    """The KD students' rows beyond the labelled ones: copies and unlabelled rows."""
+    unlabelled = results["settings"].get("unlabelled_rows", 0)
+    copies = results["transfer_rows"] - results["train_rows"] - unlabelled
+    parts = [f"{copies} augmented copies"] if copies else []
+    parts += [f"{unlabelled} unlabelled rows of train.tsv (labels dropped)"] if unlabelled else []
+    return " and ".join(parts)
+
+
 def kdscale_recipe(results: dict) -> str:
     """How kdscale's own pipeline differs from the ablation's recipe."""
     s = results["settings"]
-    copies = s["experiment"]["data"]["augment"]["copies"]
     epochs = ", ".join(
         f"{name} {({**s['kd']['distill'], **spec.get('kd', {}).get('distill', {})})['epochs']:g}"
         for name, spec in s["students"].items())
     layers = ", ".join(f"{name} {spec['kdscale']}" for name, spec in s["students"].items())
     return (f"kdscale's row is its real pipeline with its own recipe, not the ablation's: "
-            f"{copies} augmented copies of each labelled row, labelled by the teacher in its "
-            f"cache ({results['transfer_rows']} rows in all); KD epochs over them: {epochs} "
+            f"{transfer_rows_text(results) or 'no rows'} beside the labelled ones, labelled "
+            f"by the teacher in its cache ({results['transfer_rows']} rows in all); KD epochs "
+            f"over them: {epochs} "
             f"(the ablation: {s['baseline']['distill']['epochs']:g} over the labelled rows); "
             f"teacher layers {layers} (the ablation: the first K); students of "
             f"{seeds_text(s['seeds'])}.")
@@ -186,10 +195,10 @@ def goal_rows(results: dict) -> list[str]:
 
 def intro(results: dict) -> str:
     s, test = results["settings"], results["test"]
-    copies = results["transfer_rows"] - results["train_rows"]
     sides = "on both sides" if results["baseline"] else "of every model"
-    note = (f" (+ {copies} augmented copies that the teacher labels, for the KD students; "
-            f"their step-matched controls read the labelled rows alone)") if copies else ""
+    extra = transfer_rows_text(results)
+    note = (f" (+ {extra} that the teacher labels, for the KD students; their step-matched "
+            f"controls read the labelled rows alone)") if extra else ""
     return (f"{results['device']} ({results['torch_threads']} threads), {s['precision']} "
             f"training {sides} (evaluation in fp32); {results['train_rows']} labelled "
             f"training rows{note}; {results['dev']['examples']} dev rows and "

@@ -14,6 +14,7 @@ import pytest
 from benchmarks.sst2.split import ids_sha256, read_tsv
 from kdscale.config import config_from_dict
 from kdscale.data import tokenize_labelled
+from kdscale.data.augment import NO_LABEL
 from kdscale.models import label_names, load_model, load_tokenizer
 from tests.support.sst2 import (
     DEV_ROWS,
@@ -32,8 +33,11 @@ pytestmark = pytest.mark.usefixtures("sst2")  # skips without ../shared/data, fa
 def root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("sst2_controls")
     tiny_pretrained_bert(root / "pretrained")
-    run_bench(bench_args(root, "out", seeds=("1",)))
+    run_bench(bench_args(root, "out", "--unlabelled_rows", str(UNLABELLED), seeds=("1",)))
     return root
+
+
+UNLABELLED = 64  # rows of the split's training file after the labelled ones, text only
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +56,9 @@ def test_step_matched_controls_take_their_kd_students_steps(root, report):
     batch = report["settings"]["experiment"]["distill"]["batch_size"]
     for name, kinds in side["students"].items():
         kd, hard, plain = kinds["kd"][0], kinds["hard"][0], kinds["kd_no_copies"][0]
-        assert kd["train_rows"] == report["transfer_rows"] > TRAIN_ROWS
+        copies = report["settings"]["experiment"]["data"]["augment"]["copies"]
+        assert kd["train_rows"] == report["transfer_rows"] == TRAIN_ROWS * (1 + copies) \
+            + UNLABELLED
         assert kd["steps"] == math.ceil(kd["epochs"] * math.ceil(kd["train_rows"] / batch))
         for control in (hard, plain):
             assert control["train_rows"] == TRAIN_ROWS and control["steps"] == kd["steps"], name
@@ -89,13 +95,23 @@ def test_held_out_rows_are_in_no_training_set_of_either_side(root, report):
         [int(row[2]) for row in test[:DEV_ROWS]])
 
 
+def test_the_unlabelled_rows_follow_the_labelled_ones_without_their_labels(root):
+    train, test = split_rows(root)
+    header, rows = read_tsv(root / "work/split/unlabelled.tsv")
+    assert header == ["sentence", "source_row"]  # no label column
+    assert rows == [[row[1], row[2]] for row in train[TRAIN_ROWS:TRAIN_ROWS + UNLABELLED]]
+    assert not {r[1] for r in rows} & {r[2] for r in test}
+
+
 def test_the_teacher_labelled_the_split_rows_and_copies_of_them_alone(root, report):
     """The caches every KD student read (distill checks their fingerprint) match the
-    transfer sets rebuilt from the split's training file: its first rows and their copies."""
+    transfer sets rebuilt from the split's training file: its first rows, their copies and
+    the unlabelled rows after them."""
     work = root / "work/kdscale"
     raw = copy.deepcopy(report["settings"]["experiment"])
     raw["data"].update(train_file=str(root / "work/split/train.tsv"),
-                       eval_file=str(root / "work/split/test.tsv"))
+                       eval_file=str(root / "work/split/test.tsv"),
+                       unlabelled_file=str(root / "work/split/unlabelled.tsv"))
     tokenizer = load_tokenizer(work / "teacher")
     labels = label_names(load_model(work / "teacher", "teacher"))
     transfer = tokenize_labelled(config_from_dict(raw).data, tokenizer, "train", labels,
@@ -104,9 +120,13 @@ def test_the_teacher_labelled_the_split_rows_and_copies_of_them_alone(root, repo
     assert transfer.fingerprint == manifest["data_fingerprint"]
     train, test = split_rows(root)
     held = {int(row[2]) for row in test}
-    sources = {int(train[i % TRAIN_ROWS][2]) for i in transfer.dataset["example_id"]}
+    copied = TRAIN_ROWS * (1 + raw["data"]["augment"]["copies"])
+    ids = transfer.dataset["example_id"]
+    assert ids == list(range(copied + UNLABELLED))
+    sources = {int(train[i % TRAIN_ROWS][2]) for i in ids[:copied]}
     assert len(sources) == TRAIN_ROWS and not sources & held  # copies come from these rows
-    raw["data"]["augment"]["copies"] = 0
+    assert set(transfer.dataset["labels"][TRAIN_ROWS:]) == {NO_LABEL}
+    raw["data"]["augment"]["copies"], raw["data"]["unlabelled_file"] = 0, None
     labelled = tokenize_labelled(config_from_dict(raw).data, tokenizer, "train", labels)
     plain = json.loads((work / "cache_no_copies/manifest.json").read_text())
     assert labelled.fingerprint == plain["data_fingerprint"]
