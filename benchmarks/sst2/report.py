@@ -74,15 +74,39 @@ def summarize_ablation(ablation: dict, kdscale_pipeline_s: float) -> dict:
                         "of_step_before_last": kdscale_pipeline_s / before_cache}}
 
 
+def summarize_levers(kd_side: dict, kd: dict) -> dict | None:
+    """Each lever's students against kdscale's recipe (the main comparison's KD students,
+    the same seeds): their spread, retention of the teacher they learned from, and the
+    difference of the means."""
+    if not kd_side.get("levers"):
+        return None
+    out = {}
+    for name, lever in kd_side["levers"].items():
+        teacher = lever["teacher"] or kd_side["teacher"]
+        students = {size: summarize_runs(runs, teacher)
+                    for size, runs in lever["students"].items()}
+        recipe = {size: kd["students"][size]["kd"] for size in students}
+        out[name] = {"teacher": {"accuracy": teacher["accuracy"],
+                                 "test_accuracy": teacher["test"]["accuracy"],
+                                 "own": lever["teacher"] is not None},
+                     "students": students,
+                     "gain": {size: {split: s[key]["mean"] - recipe[size][key]["mean"]
+                                     for split, key in (("dev", "accuracy"),
+                                                        ("test", "test_accuracy"))}
+                              for size, s in students.items()}}
+    return out
+
+
 def part_times(total_s: float, kd_side: dict, base_side: dict | None,
                ablation: dict | None) -> dict:
-    """The whole run in parts: the controls' and the ablation's seconds, and the rest (the
-    main comparison), so that a time goal set before them keeps its meaning."""
+    """The whole run in parts: the controls', the levers' and the ablation's seconds, and the
+    rest (the main comparison), so that a time goal set before them keeps its meaning."""
     controls = kd_side.get("controls_s", 0.0) + (base_side or {}).get("controls_s", 0.0)
     ablation_s = ablation["seconds"] if ablation else 0.0
+    levers_s = kd_side.get("levers_s", 0.0)
     return {"total_s": round(total_s, 1), "controls_s": round(controls, 1),
-            "ablation_s": round(ablation_s, 1),
-            "main_s": round(total_s - controls - ablation_s, 1)}
+            "ablation_s": round(ablation_s, 1), "levers_s": round(levers_s, 1),
+            "main_s": round(total_s - controls - ablation_s - levers_s, 1)}
 
 
 def build(settings: dict, rows: dict, kd_side: dict, base_side: dict | None,
@@ -92,6 +116,7 @@ def build(settings: dict, rows: dict, kd_side: dict, base_side: dict | None,
     times = part_times(total_s, kd_side, base_side, ablation)
     summary = {"kdscale": kd, "baseline": base,
                "ablation": summarize_ablation(ablation, kd["pipeline_s"]) if ablation else None,
+               "levers": summarize_levers(kd_side, kd),
                "goals": goals(settings, kd, base, times)}
     return {"device": device_name(), **provenance(), "torch_threads": torch.get_num_threads(),
             "cpu_count": os.cpu_count(), "eval_device": "cpu",

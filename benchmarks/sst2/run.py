@@ -29,6 +29,7 @@ from benchmarks.sst2.ablation import cumulative, run_ablation
 from benchmarks.sst2.baseline_side import run_baseline
 from benchmarks.sst2.evaluation import Evaluator
 from benchmarks.sst2.kdscale_side import kdscale_config, merge, run_kdscale
+from benchmarks.sst2.levers import check_levers, run_levers
 from benchmarks.sst2.split import HeldOut, hold_out, write_unlabelled
 from kdscale.models import load_model
 
@@ -56,6 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip_controls", action="store_true",
                    help="no KD-without-copies students, no baseline with kdscale's layers")
     p.add_argument("--skip_ablation", action="store_true", help="no speed ablation")
+    p.add_argument("--skip_levers", action="store_true", help="no accuracy levers")
     p.add_argument("--kdscale_from", type=Path, metavar="RESULTS_JSON",
                    help="a long run in two parts: the kdscale side of an earlier run with the "
                    "same settings and --work (--skip_baseline), and now the baseline")
@@ -80,7 +82,9 @@ def load_settings(args: argparse.Namespace) -> dict:
             settings[key] = getattr(args, key)
     settings["run_controls"] = not args.skip_controls
     settings["run_ablation"] = not args.skip_ablation
+    settings["run_levers"] = bool(settings.get("levers")) and not args.skip_levers
     cumulative(settings["ablation"])  # a bad step fails now, not after an hour
+    check_levers(settings.get("levers"))
     data = settings["experiment"]["data"]
     data["max_train_examples"] = settings["max_train_examples"]
     data["max_eval_examples"] = args.max_eval_examples
@@ -169,6 +173,11 @@ def main(argv=None) -> dict:
         shutil.rmtree(args.work, ignore_errors=True)  # a fresh teacher and cache every run
         split, trained = make_split(settings, args.work)
         kdscale_side, evaluator = run_kdscale(trained, args.work / "kdscale", split)
+        if settings["run_levers"]:
+            levers_start = time.perf_counter()
+            kdscale_side["levers"] = run_levers(trained, args.work / "kdscale", split,
+                                                evaluator, kdscale_side["train_rows"])
+            kdscale_side["levers_s"] = round(time.perf_counter() - levers_start, 1)
     baseline_side = ablation = None
     if not args.skip_baseline:
         baseline_side, teacher = run_baseline(trained, evaluator)

@@ -97,10 +97,10 @@ def hold_out(source: Path, folder: Path, rows: int, seed: int, text_column: str,
     return split
 
 
-def write_unlabelled(split: HeldOut, labelled: int | None, rows: int,
-                     text_column: str) -> Path:
+def write_unlabelled(split: HeldOut, labelled: int | None, rows: int, text_column: str,
+                     path: Path | None = None) -> Path:
     """split.train_file's `rows` rows after its first `labelled`, text (and source row) only,
-    to unlabelled.tsv beside it."""
+    to `path` (default: unlabelled.tsv beside it)."""
     if labelled is None or labelled + rows > split.train_rows:
         left = 0 if labelled is None else split.train_rows - labelled
         raise SystemExit(f"unlabelled_rows: {rows} rows after the {labelled or 'all'} labelled "
@@ -108,7 +108,7 @@ def write_unlabelled(split: HeldOut, labelled: int | None, rows: int,
     header, table = read_tsv(split.train_file)
     text, source = header.index(text_column), header.index(SOURCE_ROW)
     picked = table[labelled:labelled + rows]
-    path = split.train_file.with_name("unlabelled.tsv")
+    path = path or split.train_file.with_name("unlabelled.tsv")
     write_tsv(path, [text_column], [[row[text]] for row in picked],
               [int(row[source]) for row in picked])
     return path

@@ -3,6 +3,8 @@ and the goals, from the results that report.build assembles."""
 
 from __future__ import annotations
 
+from benchmarks.sst2.lever_tables import lever_section
+
 KIND_LABELS = {"kd": "KD", "hard": "hard labels, step-matched",
                "kd_no_copies": "KD without copies, step-matched",
                "kd_kdscale_layers": "KD, kdscale's layers"}
@@ -219,7 +221,7 @@ def markdown(results: dict) -> str:
              "| wall time (s) | kdscale | baseline |", "|---|---|---|", *time_rows(results), "",
              f"Cache on disk: {size(results['kdscale']['cache_bytes'])} "
              f"({results['kdscale']['cache_bytes'] / results['transfer_rows']:.0f} bytes per "
-             f"row).", "", *ablation_section(results),
+             f"row).", "", *lever_section(results), *ablation_section(results),
              "| goal | split | measured | met |", "|---|---|---|---|", *goal_rows(results), "",
              "![accuracy, wall time and latency](sst2_bench.png)", ""]
     return "\n".join(lines)

@@ -37,7 +37,7 @@ def results(root) -> Path:
     """The benchmark in two parts, as a long run can be made: the kdscale side, then the
     baseline against its results. `results` holds both sides, as one run's would. The
     controls and the ablation are left out here (test_sst2_controls.py runs them)."""
-    skip = ("--skip_controls", "--skip_ablation")
+    skip = ("--skip_controls", "--skip_ablation", "--skip_levers")
     run_bench(bench_args(root, "kdscale_side", *skip, "--skip_baseline"))
     run_bench(bench_args(root, "out", *skip, "--kdscale_from",
                          str(root / "kdscale_side" / "results.json")))
@@ -163,8 +163,8 @@ def test_the_second_part_adds_the_baseline_to_the_first_parts_results(results):
 def test_a_second_part_with_other_settings_is_refused(results):
     root = results.parent
     earlier = str(root / "kdscale_side" / "results.json")
-    args = bench_args(root, "refused", "--skip_controls", "--skip_ablation", "--kdscale_from",
-                      earlier)
+    args = bench_args(root, "refused", "--skip_controls", "--skip_ablation", "--skip_levers",
+                      "--kdscale_from", earlier)
     with pytest.raises(SystemExit, match=r"settings differ from this one's in \['seeds'\]"):
         sst2_run.main([*args, "--seeds", "1"])
     assert not (root / "refused").exists()

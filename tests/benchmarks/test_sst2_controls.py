@@ -10,7 +10,9 @@ import math
 from pathlib import Path
 
 import pytest
+import yaml
 
+from benchmarks.sst2.run import SETTINGS
 from benchmarks.sst2.split import ids_sha256, read_tsv
 from kdscale.config import config_from_dict
 from kdscale.data import tokenize_labelled
@@ -33,8 +35,19 @@ pytestmark = pytest.mark.usefixtures("sst2")  # skips without ../shared/data, fa
 def root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("sst2_controls")
     tiny_pretrained_bert(root / "pretrained")
-    run_bench(bench_args(root, "out", "--unlabelled_rows", str(UNLABELLED), seeds=("1",)))
+    settings = yaml.safe_load(SETTINGS.read_text())
+    settings["levers"] = LEVERS
+    (root / "bench.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
+    run_bench(bench_args(root, "out", "--unlabelled_rows", str(UNLABELLED), "--settings",
+                         str(root / "bench.yaml"), seeds=("1",)))
     return root
+
+
+# Two levers of the toy run: rows of the transfer set changed (its own cache), and a
+# teacher of its own (its own fine-tune, then cache).
+LEVERS = {"unlabelled rows alone": {"unlabelled_rows": 32,
+                                    "kd": {"data": {"augment": {"copies": 0}}}},
+          "a teacher of 2 epochs": {"teacher": {"finetune": {"epochs": 2}}}}
 
 
 UNLABELLED = 64  # rows of the split's training file after the labelled ones, text only
@@ -172,7 +185,8 @@ def test_the_ablations_shares_add_up_to_the_whole_saving(report):
     times = report["times"]
     assert times["ablation_s"] > sum(pipelines[1:]) - 2 * raw[1]["teacher"]["train_s"]
     assert times["main_s"] == pytest.approx(
-        times["total_s"] - times["controls_s"] - times["ablation_s"], abs=0.2)
+        times["total_s"] - times["controls_s"] - times["ablation_s"] - times["levers_s"],
+        abs=0.2)
 
 
 def test_a_one_seed_report_says_so_and_shows_no_spread(root, report):
@@ -183,3 +197,26 @@ def test_a_one_seed_report_says_so_and_shows_no_spread(root, report):
     margins = [g for g in report["summary"]["goals"] if "standard deviations" in g["goal"]]
     assert len(margins) == 4 and all(g["met"] is None for g in margins)
     assert "n/a (one seed)" in text
+
+
+def test_each_lever_trains_every_size_from_its_own_cache_and_teacher(root, report):
+    levers, summary = report["kdscale"]["levers"], report["summary"]["levers"]
+    assert list(levers) == list(LEVERS) and report["times"]["levers_s"] > 0
+    work, sizes = root / "work/kdscale/levers", list(report["settings"]["students"])
+    alone = json.loads((work / "unlabelled-rows-alone/cache/manifest.json").read_text())
+    assert alone["num_examples"] == TRAIN_ROWS + 32  # the labelled rows and its 32, no copies
+    header, rows = read_tsv(work / "unlabelled-rows-alone/unlabelled.tsv")
+    assert len(rows) == 32 and header == ["sentence", "source_row"]
+    assert (work / "unlabelled-rows-alone/teacher").resolve() == (
+        root / "work/kdscale/teacher").resolve()
+    own = levers["a teacher of 2 epochs"]["teacher"]
+    assert own["steps"] == 2 * report["kdscale"]["teacher"]["steps"]
+    assert summary["a teacher of 2 epochs"]["teacher"]["own"]
+    for name, lever in levers.items():
+        assert list(lever["students"]) == sizes and lever["cache_s"] > 0
+        for size in sizes:
+            runs, recipe = lever["students"][size], report["kdscale"]["students"][size]["kd"]
+            assert [r["seed"] for r in runs] == [r["seed"] for r in recipe]
+            gain = summary[name]["gain"][size]["dev"]
+            assert gain == pytest.approx(runs[0]["accuracy"] - recipe[0]["accuracy"])
+    assert "## Each accuracy lever alone" in (root / "out/report.md").read_text()
