@@ -49,6 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_train_examples", type=int)
     p.add_argument("--max_eval_examples", type=int, help="fewer dev and test rows (tests)")
     p.add_argument("--seeds", type=int, nargs="+")
+    p.add_argument("--precision", choices=["fp32", "bf16"],
+                   help="training and teacher inference precision (default: bench.yaml's)")
     p.add_argument("--unlabelled_rows", type=int,
                    help="rows after the labelled ones that the KD students read unlabelled")
     p.add_argument("--latency_batches", type=int, help="timed batches per model (tests: few)")
@@ -77,7 +79,7 @@ def load_settings(args: argparse.Namespace) -> dict:
     settings = yaml.safe_load(args.settings.read_text())
     if args.full:
         settings["max_train_examples"] = None
-    for key in ("max_train_examples", "seeds", "unlabelled_rows"):
+    for key in ("max_train_examples", "seeds", "unlabelled_rows", "precision"):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
     settings["run_controls"] = not args.skip_controls

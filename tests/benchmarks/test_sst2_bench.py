@@ -37,7 +37,8 @@ def results(root) -> Path:
     """The benchmark in two parts, as a long run can be made: the kdscale side, then the
     baseline against its results. `results` holds both sides, as one run's would. The
     controls and the ablation are left out here (test_sst2_controls.py runs them)."""
-    skip = ("--skip_controls", "--skip_ablation", "--skip_levers")
+    # fp32 here, bench.yaml's bf16 in test_sst2_controls.py: the two precisions the goals ask for.
+    skip = ("--skip_controls", "--skip_ablation", "--skip_levers", "--precision", "fp32")
     run_bench(bench_args(root, "kdscale_side", *skip, "--skip_baseline"))
     run_bench(bench_args(root, "out", *skip, "--kdscale_from",
                          str(root / "kdscale_side" / "results.json")))
@@ -51,6 +52,16 @@ def test_every_model_is_scored_on_the_same_dev_and_test_rows(results):
     # The KD students' cache holds the labelled rows and their augmented copies.
     copies = report["settings"]["experiment"]["data"]["augment"]["copies"]
     assert copies >= 1 and report["transfer_rows"] == TRAIN_ROWS * (1 + copies)
+
+
+def test_the_precision_given_is_the_one_every_stage_trained_in(results):
+    settings = load(results)["settings"]
+    assert settings["precision"] == "fp32"
+    experiment = settings["experiment"]
+    assert experiment["teacher"]["precision"] == "fp32"
+    assert {experiment[stage]["mixed_precision"] for stage in ("finetune", "distill")} == {"no"}
+    assert {settings["baseline"][stage]["precision"] for stage in ("finetune", "distill")} == {
+        "fp32"}
 
 
 def test_the_results_name_data_files_relative_to_the_repository(results):
@@ -164,7 +175,7 @@ def test_a_second_part_with_other_settings_is_refused(results):
     root = results.parent
     earlier = str(root / "kdscale_side" / "results.json")
     args = bench_args(root, "refused", "--skip_controls", "--skip_ablation", "--skip_levers",
-                      "--kdscale_from", earlier)
+                      "--precision", "fp32", "--kdscale_from", earlier)
     with pytest.raises(SystemExit, match=r"settings differ from this one's in \['seeds'\]"):
         sst2_run.main([*args, "--seeds", "1"])
     assert not (root / "refused").exists()
