@@ -160,15 +160,6 @@ def resolve_index_dtype(kind: str, num_outputs: int, index_dtype: str | None) ->
     return narrowest_index_dtype(num_outputs) if is_int(num_outputs, 1) else None
 
 
-def _as_given(rows: dict[str, torch.Tensor], values: torch.Tensor,
-              indices: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Checked rows with the top-k values and indices as given (ids widened to int64), for
-    `write_shard` to store once: int8 codes and their grid come from the teacher's values,
-    never from codes, and a shard is the same whichever add() its rows came from."""
-    kept = {name: t for name, t in rows.items() if not name.startswith("values")}
-    return kept | {"values": values.detach().cpu(), "indices": indices.detach().cpu().long()}
-
-
 class CacheWriter:
     """Streams rows into a cache from one process: shards 0, 1, 2... then the manifest.
 
@@ -226,8 +217,6 @@ class CacheWriter:
                              dtype=self._meta["dtype"], num_outputs=self._meta["num_outputs"],
                              k=self._meta["k"], tail=tail,
                              index_dtype=self._meta["index_dtype"])
-        if values is not None:
-            rows = _as_given(rows, values, indices)
         if self._pending and ("positions" in rows) != ("positions" in self._pending[0]):
             raise CacheError("positions: give them with every add() of a cache, or never")
         examples = rows.get("examples", rows["example_ids"]).tolist()
@@ -263,13 +252,7 @@ class CacheWriter:
         if self._clear_first:
             clear_partial(self.directory)
             self._clear_first = False
-        empty = shard["examples"][shard["counts"] == 0] if "counts" in shard else None
-        write_shard(self.directory, self._num_shards, example_ids=shard["example_ids"],
-                    logits=shard.get("logits"), values=shard.get("values"),
-                    indices=shard.get("indices"), positions=shard.get("positions"),
-                    empty_ids=empty, tail=shard.get("tail"), dtype=self._meta["dtype"],
-                    num_outputs=self._meta["num_outputs"], k=self._meta["k"],
-                    plan_id=self.plan_id, index_dtype=self._meta["index_dtype"])
+        write_shard_tensors(self.directory, self._num_shards, shard, plan_id=self.plan_id)
         self._num_shards += 1
 
     def close(self) -> CacheManifest:
