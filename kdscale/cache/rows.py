@@ -58,7 +58,18 @@ def join_shard_tensors(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.
         _refuse_repeats(joined["examples"], "the rows of an example must be contiguous")
     else:
         _refuse_repeats(joined["example_ids"], "each example is cached once")
-    return joined
+    return runs_then_empty(joined)
+
+
+def runs_then_empty(shard: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A per-position shard's examples as `shard_tensors` orders them, those with rows (in
+    row order) and then those without: a shard's bytes do not depend on how its rows were
+    batched."""
+    if "counts" not in shard:
+        return shard
+    empty = shard["counts"] == 0
+    order = torch.cat([(~empty).nonzero().flatten(), empty.nonzero().flatten()])
+    return shard | {"examples": shard["examples"][order], "counts": shard["counts"][order]}
 
 
 def _int_vector(name: str, x: Any) -> torch.Tensor:

@@ -35,7 +35,7 @@ from kdscale.cache.format import (
     shard_metadata,
 )
 from kdscale.cache.reader import open_shards
-from kdscale.cache.rows import shard_tensors
+from kdscale.cache.rows import runs_then_empty, shard_tensors
 from kdscale.cache.sidecar import finished_shards, remove_sidecar, write_sidecar
 from kdscale.cache.sizes import narrowest_index_dtype
 from kdscale.files import write_bytes_atomic, write_json_atomic
@@ -252,7 +252,8 @@ class CacheWriter:
         if self._clear_first:
             clear_partial(self.directory)
             self._clear_first = False
-        write_shard_tensors(self.directory, self._num_shards, shard, plan_id=self.plan_id)
+        write_shard_tensors(self.directory, self._num_shards, runs_then_empty(shard),
+                            plan_id=self.plan_id)
         self._num_shards += 1
 
     def close(self) -> CacheManifest:

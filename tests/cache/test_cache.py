@@ -9,6 +9,7 @@ import pickle
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 
 from kdscale.cache import (
@@ -229,6 +230,29 @@ def test_per_position_topk_round_trip(tmp_path, writer):
     assert_bits_equal(got.values, torch.cat([w["values"] for w in want]))
     for key in ("indices", "positions"):  # int64, what torch.gather and indexing take
         assert torch.equal(getattr(got, key), torch.cat([w[key] for w in want]))
+
+
+def test_a_shard_has_the_same_bytes_however_its_rows_were_batched(tmp_path):
+    _, _, rows_of = masked_rows()  # examples 0 and 3 have no rows
+    settings = {"dtype": "int8", "num_outputs": 50, "k": 3}
+    write_shard(tmp_path / "whole", 0, plan_id="p", **settings, **rows_of())
+    parts = []
+    for part in (slice(0, 1), slice(1, 4), slice(4, 11)):
+        rows = rows_of(part)
+        parts.append(shard_tensors(rows.pop("example_ids"), None, rows.pop("values"),
+                                   rows.pop("indices"), rows.pop("positions"),
+                                   rows.pop("empty_ids"), **settings))
+    write_shard_tensors(tmp_path / "joined", 0, join_shard_tensors(parts), plan_id="p")
+    with CacheWriter(tmp_path / "writer", **{**MLM, "dtype": "int8"}) as w:
+        for part in (slice(0, 4), slice(4, 11)):
+            w.add(**rows_of(part))
+    whole = safetensors.torch.load_file(tmp_path / "whole" / "shard-00000.safetensors")
+    for name in ("joined", "writer"):
+        shard = safetensors.torch.load_file(tmp_path / name / "shard-00000.safetensors")
+        assert shard.keys() == whole.keys(), name
+        for key, tensor in whole.items():
+            assert tensor.dtype == shard[key].dtype and torch.equal(
+                tensor.view(torch.uint8), shard[key].view(torch.uint8)), (name, key)
 
 
 def test_joined_batches_refuse_an_example_twice():
