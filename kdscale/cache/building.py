@@ -75,24 +75,25 @@ def max_over_processes(value: int, state) -> int:
     return int(tensor.item())
 
 
-# A shard is held as its batches' stored rows while it fills, then joined into one copy,
-# then serialized into a third just before it is written.
-SHARD_COPIES = 3
+# A shard is held as its batches' stored rows while it fills; at its write, as one joined
+# copy (the batches freed) and the serialized bytes of it.
+SHARD_COPIES = 2
 
 
-def check_shard_fits(batch: dict[str, torch.Tensor], batch_examples: int, shard_examples: int,
+def check_shard_fits(batch: dict[str, torch.Tensor], shard_rows: int, shard_examples: int,
                      processes: int, available: int) -> None:
-    """CacheError, before the teacher has run past its first batch, when the largest shard
-    would not fit in this process's share of the machine's free memory. The first batch
-    holds the longest examples (the plan sorts them first), so the estimate errs high."""
-    per_example = sum(t.numel() * t.element_size() for t in batch.values()) / batch_examples
-    need = per_example * shard_examples * SHARD_COPIES
+    """CacheError, after the first batch, when the largest shard (`shard_rows` cached rows of
+    `shard_examples` examples) would not fit in this process's share of the machine's free
+    memory, at the bytes a row of `batch` (stored rows) takes."""
+    per_row = sum(t.numel() * t.element_size() for t in batch.values()) / len(
+        batch["example_ids"])
+    need = per_row * shard_rows * SHARD_COPIES
     share = available / processes
     if need > share:
-        fits = max(int(share / (per_example * SHARD_COPIES)), 1)
+        fits = max(int(shard_examples * share / need), 1)
         raise CacheError(
-            f"cache.shard_rows: a shard of {shard_examples:,} examples would take about "
-            f"{need / 2**30:.1f} GiB of memory while it is written ({per_example / 2**10:,.1f} "
-            f"KiB an example, held {SHARD_COPIES} times at its peak), more than the "
-            f"{share / 2**30:.1f} GiB free for each of this machine's {processes} process(es); "
-            f"set cache.shard_rows to {fits:,} or fewer")
+            f"cache.shard_rows: a shard of {shard_examples:,} examples ({shard_rows:,} cached "
+            f"rows of {per_row / 2**10:,.1f} KiB) would take about {need / 2**30:.1f} GiB of "
+            f"memory while it is written (held {SHARD_COPIES} times at its peak), more than "
+            f"the {share / 2**30:.1f} GiB free for each of this machine's {processes} "
+            f"process(es); set cache.shard_rows to {fits:,} or fewer")

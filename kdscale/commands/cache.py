@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+import pyarrow.compute
 import torch
 from transformers import AutoConfig, PreTrainedTokenizerBase
 
@@ -40,6 +41,7 @@ from kdscale.cache.writer import resolve_index_dtype, write_shard_tensors
 from kdscale.config import Config, ConfigError
 from kdscale.config.schedules import Schedule
 from kdscale.data import TaskData, check_sources, check_unknown_rate
+from kdscale.data.batch import IGNORE_INDEX
 from kdscale.distributed import process_state, processes_on_this_machine
 from kdscale.files import check_writable
 from kdscale.models import (
@@ -257,10 +259,7 @@ def write_shards(job: CacheJob, runner: TeacherRunner, shards: list[int], state,
                 audit.add(full_rows(job.task, job.layout, outputs, batch))
         pending.setdefault(shard, []).append(stored(job, entries))
         if step == 0:
-            check_shard_fits(pending[shard][0], len(batch_rows),
-                             max(len(rows) for rows in job.plan.shards),
-                             processes_on_this_machine(state.num_processes),
-                             psutil.virtual_memory().available)
+            check_memory(job, shards, pending[shard][0], state)
         examples[shard] = examples.get(shard, 0) + len(batch_rows)
         rows_done += len(batch_rows)
         progress.update(len(batch_rows) * state.num_processes)
@@ -283,10 +282,32 @@ def stored(job: CacheJob, entries: dict) -> dict:
                          index_dtype=meta["index_dtype"])
 
 
+def check_memory(job: CacheJob, shards: list[int], first: dict, state) -> None:
+    """This process's largest shard, at the bytes a row of its first stored batch takes,
+    against its share of the free memory (kdscale.cache.building.check_shard_fits)."""
+    rows = {shard: cached_rows(job, shard) for shard in shards}
+    largest = max(rows, key=rows.get)
+    check_shard_fits(first, rows[largest], len(job.plan.shards[largest]),
+                     processes_on_this_machine(state.num_processes),
+                     psutil.virtual_memory().available)
+
+
+def cached_rows(job: CacheJob, shard: int) -> int:
+    """The rows shard `shard` holds: one an example, or one a labelled position."""
+    examples = job.plan.shards[shard]
+    if not job.layout.per_position:
+        return len(examples)
+    labels = job.data.dataset.select(examples).with_format("arrow")["labels"]
+    return pyarrow.compute.sum(pyarrow.compute.not_equal(
+        pyarrow.compute.list_flatten(labels), IGNORE_INDEX)).as_py() or 0
+
+
 def _write(job: CacheJob, shard: int, parts: list[dict]) -> None:
     """One shard from its batches' stored rows, in batch order (an example's rows stay
-    contiguous)."""
-    write_shard_tensors(job.directory, shard, join_shard_tensors(parts), plan_id=job.plan_id)
+    contiguous); the batches are let go once joined."""
+    joined = join_shard_tensors(parts)
+    parts.clear()
+    write_shard_tensors(job.directory, shard, joined, plan_id=job.plan_id)
 
 
 def _gather(stats: dict, state) -> list[dict]:

@@ -12,34 +12,34 @@ from kdscale.cache.building import SHARD_COPIES, check_shard_fits
 GiB = 2**30
 
 
-def vocabulary_rows(examples: int, positions_each: int, vocabulary: int) -> dict:
+def vocabulary_rows(rows: int, vocabulary: int) -> dict:
     """A batch's stored rows of a top-k cache that keeps every logit (float16, uint16)."""
-    rows = examples * positions_each
     return {"example_ids": torch.zeros(rows, dtype=torch.int64),
             "values": torch.zeros(rows, vocabulary, dtype=torch.float16),
             "indices": torch.zeros(rows, vocabulary, dtype=torch.uint16)}
 
 
 def test_a_shard_over_the_free_memory_is_refused_with_a_size_that_fits():
-    batch = vocabulary_rows(examples=8, positions_each=2, vocabulary=30522)
-    per_example = sum(t.numel() * t.element_size() for t in batch.values()) / 8
-    available = 4 * GiB
+    batch = vocabulary_rows(rows=16, vocabulary=30522)
+    per_row = sum(t.numel() * t.element_size() for t in batch.values()) / 16
+    available, shard_rows, shard_examples = 4 * GiB, 30_000, 8192
     with pytest.raises(CacheError) as err:
-        check_shard_fits(batch, 8, shard_examples=8192, processes=2, available=available)
+        check_shard_fits(batch, shard_rows, shard_examples, processes=2, available=available)
     message = str(err.value)
-    assert message.startswith("cache.shard_rows:") and "8,192 examples" in message
+    assert message.startswith("cache.shard_rows:") and "8,192 examples (30,000 cached" in message
     assert "2 process(es)" in message
     fits = int(re.search(r"set cache.shard_rows to ([\d,]+) or fewer", message)[1]
                .replace(",", ""))
-    assert fits * per_example * SHARD_COPIES <= available / 2
-    assert (fits + 1) * per_example * SHARD_COPIES > available / 2
-    check_shard_fits(batch, 8, shard_examples=fits, processes=2, available=available)
+    rows_each = shard_rows / shard_examples  # the shard's rows an example, kept as it shrinks
+    assert fits * rows_each * per_row * SHARD_COPIES <= available / 2
+    assert (fits + 1) * rows_each * per_row * SHARD_COPIES > available / 2
+    check_shard_fits(batch, int(fits * rows_each), fits, processes=2, available=available)
 
 
 def test_one_process_gets_the_whole_free_memory():
-    batch = vocabulary_rows(examples=4, positions_each=1, vocabulary=1000)
+    batch = vocabulary_rows(rows=4, vocabulary=1000)
     shard_bytes = sum(t.numel() * t.element_size() for t in batch.values()) / 4 * 100
     enough = int(shard_bytes * SHARD_COPIES) + 1
-    check_shard_fits(batch, 4, shard_examples=100, processes=1, available=enough)
+    check_shard_fits(batch, 100, 50, processes=1, available=enough)
     with pytest.raises(CacheError, match="cache.shard_rows"):
-        check_shard_fits(batch, 4, shard_examples=100, processes=2, available=enough)
+        check_shard_fits(batch, 100, 50, processes=2, available=enough)

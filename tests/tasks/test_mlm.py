@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from kdscale.cache import LogitCache
+from kdscale.commands.cache import cached_rows, plan_job
 from kdscale.commands.demo import build_demo_tokenizer
 from kdscale.config import ConfigError, config_from_dict
+from kdscale.distributed import process_state
 from kdscale.models import load_tokenizer
 from kdscale.plan.estimates import cache_estimate
 from kdscale.plan.sizes import model_sizes
@@ -116,6 +118,10 @@ def test_cache_of_two_processes_matches_one_and_holds_the_masked_positions(cache
     assert cache.per_position and cache.manifest.k == K
     assert cache.manifest.masking == {"seed": 3, "probability": 0.15, "recipe": "bert-80-10-10"}
     assert cache.manifest.num_rows == sum(sum(x != -100 for x in row) for row in labels)
+    # What kdscale cache sizes a shard's memory by, before any forward: its rows, exactly.
+    job = plan_job(config_from_dict(config), process_state())
+    assert [cached_rows(job, shard) for shard in range(len(job.plan.shards))] == [
+        shard["rows"] for shard in cache.manifest.shards]
     ids = torch.tensor(data.dataset["example_id"][:4])
     topk = cache.get_topk(ids)
     want = [i for row in labels[:4] for i, x in enumerate(row) if x != -100]
