@@ -146,8 +146,8 @@ def load_raw(cfg: DataConfig, split: str) -> datasets.Dataset:
 
 def load_unlabelled(cfg: DataConfig) -> datasets.Dataset:
     """The text columns of `data.unlabelled_file` (renamed as the training file's), its
-    first `data.max_unlabelled_examples` rows."""
-    check_sources(cfg)
+    first `data.max_unlabelled_examples` rows. The file itself was checked with the others
+    by `check_sources`, which `load_raw` runs first."""
     path = Path(cfg.unlabelled_file)
     raw = _load_file(path, "unlabelled")
     raw = raw.rename_columns({k: v for k, v in (cfg.rename_columns or {}).items()

@@ -8,7 +8,7 @@ from pathlib import Path
 from kdscale import configs
 from kdscale.cache.format import CacheError, read_manifest
 from kdscale.cache.sizes import row_bytes
-from kdscale.config import Config
+from kdscale.config import Config, DataConfig
 from kdscale.plan.memory import DTYPE_BYTES, Term
 from kdscale.plan.sizes import ModelSizes
 from kdscale.plan.stages import (
@@ -90,7 +90,7 @@ def cache_estimate(config: Config, sizes: ModelSizes) -> dict:
             "bytes": row * examples if examples else None}
 
 
-def transfer_set_rows(data) -> int | None:
+def transfer_set_rows(data: DataConfig) -> int | None:
     """The examples distillation's cache holds: the training rows, each augmented copy, and
     the unlabelled rows; None where a count is unknown (a hub dataset)."""
     examples = data.max_train_examples or count_rows(data.train_file)
