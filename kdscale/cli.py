@@ -76,13 +76,9 @@ def run(command: str, config) -> None:
 
 
 def _leave_process_group() -> None:
-    """Every process leaves together: a rank exiting while another still talks to it over
-    gloo can abort the other."""
-    import torch.distributed as dist
+    from kdscale.distributed import leave_process_group  # imported late, as in run()
 
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    leave_process_group()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,10 +9,12 @@ Machines without CUDA have no NCCL, and Accelerate needs to be told what to use 
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import logging
 import os
 import socket
+import sys
 from datetime import timedelta
 
 import torch
@@ -122,8 +124,29 @@ def process_state() -> PartialState:
     return PartialState(cpu=True)
 
 
+def leave_process_group() -> None:
+    """Every process leaves together: a rank whose interpreter exits while the group is still
+    up can abort in gloo's teardown ("terminate called without an active exception", SIGABRT)
+    after its work is done, and the launch then fails."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
+def leave_process_group_at_exit() -> None:
+    """For scripts that kdscale does not end, a user's Trainer script: leave the group
+    together when the interpreter exits. Registered once however often it is called."""
+    atexit.unregister(_leave_unless_failed)
+    atexit.register(_leave_unless_failed)
+
+
+def _leave_unless_failed() -> None:
+    # After an uncaught exception (Python sets sys.last_type before the exit handlers run)
+    # the launcher stops the other processes; a barrier would only wait for them.
+    if not hasattr(sys, "last_type"):
+        leave_process_group()
 
 
 def reduce_sum(accelerator: Accelerator, value: torch.Tensor) -> torch.Tensor:

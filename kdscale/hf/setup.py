@@ -19,7 +19,12 @@ from transformers.integrations import deepspeed as hf_deepspeed
 from kdscale.cache import LogitCache
 from kdscale.config import Config
 from kdscale.data.tokenize import tokenized_fingerprint
-from kdscale.distributed import launched_distributed, uses_deepspeed, warn_if_processes_lost
+from kdscale.distributed import (
+    launched_distributed,
+    leave_process_group_at_exit,
+    uses_deepspeed,
+    warn_if_processes_lost,
+)
 from kdscale.errors import KdscaleError, print_errors_in_one_line
 from kdscale.hf.arguments import DistillationArguments
 from kdscale.models import count_parameters
@@ -34,11 +39,13 @@ _ID_HOWTO = (f"add an {ID_COLUMN!r} column holding each row's position in the tr
 def settle_launch(args) -> None:
     """What the Trainer's Accelerator must find settled: this process's place among the
     launched ones (and the DeepSpeed values that depend on their number), a warning when the
-    launch started fewer processes than asked, and kdscale's errors printed as one line."""
+    launch started fewer processes than asked, kdscale's errors printed as one line, and the
+    processes leaving their group together when the script ends."""
     print_errors_in_one_line()
     join_cpu_processes(args)
     check_deepspeed_values(args)
     warn_if_processes_lost()
+    leave_process_group_at_exit()
 
 
 def join_cpu_processes(args) -> None:
