@@ -1,12 +1,14 @@
 """Shared fixtures: an offline word-level tokenizer and a tiny random BERT teacher.
 
 Nothing is downloaded: the hub is switched off, and `datasets` caches into a temporary
-directory rather than the user's home (both set here, before `datasets` is first imported).
+directory rather than the user's home (both set here, before `datasets` is first imported);
+DeepSpeed builds its ops in the environment's own folder.
 """
 
 import atexit
 import os
 import shutil
+import sys
 import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -18,6 +20,11 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 _DATASETS_CACHE = tempfile.mkdtemp(prefix="kdscale-tests-datasets-")
 os.environ["HF_DATASETS_CACHE"] = _DATASETS_CACHE  # never the user's own cache
 atexit.register(shutil.rmtree, _DATASETS_CACHE, ignore_errors=True)
+if os.access(sys.prefix, os.W_OK):
+    # DeepSpeed compiles its CPU communication op at first use into one folder per user, and
+    # relinks it whenever another environment's paths differ: two checkouts' tests at once
+    # would rebuild it under each other. One folder per environment, built once there.
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
