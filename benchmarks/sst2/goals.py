@@ -34,7 +34,7 @@ def student_goals(name: str, spec: dict, student: dict, sds: float, split: str) 
     accuracy, retention = SPLITS[split]
     kd, hard = student["kd"], student["hard"]
     kept = kd[retention]["mean"]
-    return [goal(f"{name} KD student keeps >= {spec['retention_goal']:.0%} of the teacher",
+    return [goal(f"{name} KD student keeps >= {spec['retention_goal']:.1%} of the teacher",
                  split, f"{kept:.2%}", kept >= spec["retention_goal"]),
             goal(f"{name} KD student beats its hard-label control (step-matched)", split,
                  f"{kd[accuracy]['mean']:.4f} vs {hard[accuracy]['mean']:.4f}",

@@ -125,7 +125,7 @@ def test_each_goal_is_met_exactly_when_its_numbers_say_so_on_dev_and_test(result
         for name, spec in report["settings"]["students"].items():
             kd, hard = summary["students"][name]["kd"], summary["students"][name]["hard"]
             kept = kd[retention]["mean"]
-            assert goals[(f"{name} KD student keeps >= {spec['retention_goal']:.0%} of the "
+            assert goals[(f"{name} KD student keeps >= {spec['retention_goal']:.1%} of the "
                           f"teacher", split)] == (kept >= spec["retention_goal"])
             lead = kd[accuracy]["mean"] - hard[accuracy]["mean"]
             assert goals[(f"{name} KD student beats its hard-label control (step-matched)",
