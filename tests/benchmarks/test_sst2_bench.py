@@ -49,9 +49,12 @@ def test_every_model_is_scored_on_the_same_dev_and_test_rows(results):
     report = load(results)
     check_scored_alike(report, 2 + 2 * 2 * 2 + 2 * 2)  # teachers; kdscale kd+hard; baseline kd
     assert report["device"] and report["train_rows"] == TRAIN_ROWS
-    # The KD students' cache holds the labelled rows and their augmented copies.
-    copies = report["settings"]["experiment"]["data"]["augment"]["copies"]
-    assert copies >= 1 and report["transfer_rows"] == TRAIN_ROWS * (1 + copies)
+    # The KD students' cache holds the labelled rows, their augmented copies and the
+    # unlabelled rows.
+    settings = report["settings"]
+    copies = settings["experiment"]["data"]["augment"]["copies"]
+    assert copies >= 1 and report["transfer_rows"] == (TRAIN_ROWS * (1 + copies)
+                                                       + settings["unlabelled_rows"])
 
 
 def test_the_precision_given_is_the_one_every_stage_trained_in(results):

@@ -88,7 +88,8 @@ def test_the_baseline_control_has_kdscales_layers_where_they_differ(report):
     students = report["baseline"]["students"]
     assert "kd_kdscale_layers" not in students["3-layer"]  # first:3 is the first 3 already
     control, first_k = students["2-layer"]["kd_kdscale_layers"][0], students["2-layer"]["kd"][0]
-    assert control["teacher_layers"] == [0, 3] and first_k["teacher_layers"] == [0, 1]
+    ours = report["settings"]["students"]["2-layer"]["kdscale"]  # bench.yaml's, not [0, 1]
+    assert control["teacher_layers"] == ours and first_k["teacher_layers"] == [0, 1]
     assert control["steps"] == first_k["steps"] and control["layers"] == 2
 
 
