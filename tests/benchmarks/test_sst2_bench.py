@@ -15,6 +15,7 @@ from benchmarks.sst2 import report as sst2_report
 from benchmarks.sst2 import run as sst2_run
 from tests.support.sst2 import (
     TRAIN_ROWS,
+    UNLABELLED_ROWS,
     bench_args,
     check_scored_alike,
     load,
@@ -53,8 +54,8 @@ def test_every_model_is_scored_on_the_same_dev_and_test_rows(results):
     # unlabelled rows.
     settings = report["settings"]
     copies = settings["experiment"]["data"]["augment"]["copies"]
-    assert copies >= 1 and report["transfer_rows"] == (TRAIN_ROWS * (1 + copies)
-                                                       + settings["unlabelled_rows"])
+    assert settings["unlabelled_rows"] == UNLABELLED_ROWS
+    assert copies >= 1 and report["transfer_rows"] == TRAIN_ROWS * (1 + copies) + UNLABELLED_ROWS
 
 
 def test_the_precision_given_is_the_one_every_stage_trained_in(results):

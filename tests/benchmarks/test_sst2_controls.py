@@ -21,6 +21,7 @@ from kdscale.models import label_names, load_model, load_tokenizer
 from tests.support.sst2 import (
     DEV_ROWS,
     TRAIN_ROWS,
+    UNLABELLED_ROWS,
     bench_args,
     check_scored_alike,
     load,
@@ -38,8 +39,7 @@ def root(tmp_path_factory) -> Path:
     settings = yaml.safe_load(SETTINGS.read_text())
     settings["levers"] = LEVERS
     (root / "bench.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
-    run_bench(bench_args(root, "out", "--unlabelled_rows", str(UNLABELLED), "--settings",
-                         str(root / "bench.yaml"), seeds=("1",)))
+    run_bench(bench_args(root, "out", "--settings", str(root / "bench.yaml"), seeds=("1",)))
     return root
 
 
@@ -48,9 +48,6 @@ def root(tmp_path_factory) -> Path:
 LEVERS = {"unlabelled rows alone": {"unlabelled_rows": 32,
                                     "kd": {"data": {"augment": {"copies": 0}}}},
           "a teacher of 2 epochs": {"teacher": {"finetune": {"epochs": 2}}}}
-
-
-UNLABELLED = 64  # rows of the split's training file after the labelled ones, text only
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +68,7 @@ def test_step_matched_controls_take_their_kd_students_steps(root, report):
         kd, hard, plain = kinds["kd"][0], kinds["hard"][0], kinds["kd_no_copies"][0]
         copies = report["settings"]["experiment"]["data"]["augment"]["copies"]
         assert kd["train_rows"] == report["transfer_rows"] == TRAIN_ROWS * (1 + copies) \
-            + UNLABELLED
+            + UNLABELLED_ROWS
         assert kd["steps"] == math.ceil(kd["epochs"] * math.ceil(kd["train_rows"] / batch))
         for control in (hard, plain):
             assert control["train_rows"] == TRAIN_ROWS and control["steps"] == kd["steps"], name
@@ -113,7 +110,7 @@ def test_the_unlabelled_rows_follow_the_labelled_ones_without_their_labels(root)
     train, test = split_rows(root)
     header, rows = read_tsv(root / "work/split/unlabelled.tsv")
     assert header == ["sentence", "source_row"]  # no label column
-    assert rows == [[row[1], row[2]] for row in train[TRAIN_ROWS:TRAIN_ROWS + UNLABELLED]]
+    assert rows == [[row[1], row[2]] for row in train[TRAIN_ROWS:TRAIN_ROWS + UNLABELLED_ROWS]]
     assert not {r[1] for r in rows} & {r[2] for r in test}
 
 
@@ -136,7 +133,7 @@ def test_the_teacher_labelled_the_split_rows_and_copies_of_them_alone(root, repo
     held = {int(row[2]) for row in test}
     copied = TRAIN_ROWS * (1 + raw["data"]["augment"]["copies"])
     ids = transfer.dataset["example_id"]
-    assert ids == list(range(copied + UNLABELLED))
+    assert ids == list(range(copied + UNLABELLED_ROWS))
     sources = {int(train[i % TRAIN_ROWS][2]) for i in ids[:copied]}
     assert len(sources) == TRAIN_ROWS and not sources & held  # copies come from these rows
     assert set(transfer.dataset["labels"][TRAIN_ROWS:]) == {NO_LABEL}
