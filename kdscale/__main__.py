@@ -1,5 +1,3 @@
-import sys
+from kdscale.cli import entry
 
-from kdscale.cli import main
-
-sys.exit(main())
+entry()

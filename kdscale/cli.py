@@ -111,3 +111,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kdscale {args.command}: error: {timeout_message(err)}", file=sys.stderr)
         return 2
     return 0
+
+
+def entry() -> None:
+    """`kdscale` and `python -m kdscale`: `main`, then the process ends with its code."""
+    code = main()
+    from kdscale.distributed import exit_without_teardown, launched_distributed
+
+    if launched_distributed():
+        exit_without_teardown(code)
+    sys.exit(code)

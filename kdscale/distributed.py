@@ -16,6 +16,7 @@ import os
 import socket
 import sys
 from datetime import timedelta
+from typing import NoReturn
 
 import torch
 from accelerate import Accelerator, PartialState
@@ -133,6 +134,18 @@ def leave_process_group() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def exit_without_teardown(code: int) -> NoReturn:
+    """Ends a launched process whose work is done: its exit handlers run (logs and trackers
+    flush), the interpreter's teardown does not. A group's gloo threads stop only when the
+    last reference to it goes, and DeepSpeed's engines and ZeRO-3 parameters keep theirs
+    after the group is left; torn down in the middle of the interpreter's own teardown, a
+    group can abort its process (SIGABRT) after the work is done, failing the launch."""
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def leave_process_group_at_exit() -> None:
