@@ -43,7 +43,7 @@ def main(out_path: str) -> None:
         with open(out_path, "w") as f:
             json.dump(result, f)
     accelerator.wait_for_everyone()
-    torch.distributed.destroy_process_group()  # leave together (see kdscale.distributed.leave_process_group)
+    torch.distributed.destroy_process_group()  # leave together: kdscale.distributed
 
 
 if __name__ == "__main__":
