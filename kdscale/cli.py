@@ -116,8 +116,9 @@ def main(argv: list[str] | None = None) -> int:
 def entry() -> None:
     """`kdscale` and `python -m kdscale`: `main`, then the process ends with its code."""
     code = main()
-    from kdscale.distributed import exit_without_teardown, launched_distributed
-
-    if launched_distributed():
-        exit_without_teardown(code)
+    # Every command that joins a launch has imported kdscale.distributed; `env` may not
+    # have, and ends without waiting for torch to import.
+    distributed = sys.modules.get("kdscale.distributed")
+    if distributed is not None and distributed.launched_distributed():
+        distributed.exit_without_teardown(code)
     sys.exit(code)
