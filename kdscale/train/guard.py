@@ -33,20 +33,29 @@ def check_step_finite(accelerator: Accelerator, sums: dict[str, torch.Tensor], *
                 "teacher's outputs (rebuild the cache with `kdscale cache`) or the loss settings "
                 "(loss.temperature, loss.alpha)")
     else:
-        hint = (f"the weights diverged: expected a smaller {section}.learning_rate "
-                f"(now {learning_rate:g})")
+        hint = divergence_hint(section, learning_rate)
     raise NonFiniteError(f"{desc}: the loss is not finite at step {step} ({shown}); {hint}. "
                          f"Nothing was saved from this step")
 
 
+def divergence_hint(section: str, learning_rate: float) -> str:
+    return (f"the weights diverged: expected a smaller {section}.learning_rate "
+            f"(now {learning_rate:g})")
+
+
 def check_weights_finite(accelerator: Accelerator, model: torch.nn.Module, what: str) -> None:
-    """Before `what` is written: every process checks the weights it holds (its ZeRO-3
-    partition, where parameters are sharded) and all agree."""
-    local = all(bool(torch.isfinite(_held(p)).all()) for p in model.parameters())
-    flag = torch.tensor(0.0 if local else 1.0, device=accelerator.device)
-    if reduce_sum(accelerator, flag).item() > 0:
+    """Before `what` is written: the weights must be finite."""
+    if not weights_finite(accelerator, model):
         raise NonFiniteError(f"the weights are not finite; {what} is not written and the "
                              f"previous one, if any, is kept")
+
+
+def weights_finite(accelerator: Accelerator, model: torch.nn.Module) -> bool:
+    """Every process checks the weights it holds (its ZeRO-3 partition, where parameters are
+    sharded) and all agree."""
+    local = all(bool(torch.isfinite(_held(p)).all()) for p in model.parameters())
+    flag = torch.tensor(0.0 if local else 1.0, device=accelerator.device)
+    return reduce_sum(accelerator, flag).item() == 0
 
 
 def _held(param: torch.Tensor) -> torch.Tensor:

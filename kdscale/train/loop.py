@@ -33,7 +33,13 @@ from kdscale.train.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from kdscale.train.guard import check_step_finite, check_weights_finite
+from kdscale.train.guard import (
+    NonFiniteError,
+    check_step_finite,
+    check_weights_finite,
+    divergence_hint,
+    weights_finite,
+)
 from kdscale.train.stopping import JobStopped, StopRequest
 from kdscale.train.timing import StepTimer
 from kdscale.train.tracking import flat_metrics
@@ -163,6 +169,8 @@ class _Run:
         every, saved = self.train.checkpoint_every, None
         if self.checkpoints is not None and every and (progress.step % every == 0 or last):
             saved = self._save_checkpoint(model)
+        elif last:
+            self._check_weights(model, "the trained model")
         if logged and not last and self.stop.agreed(self.accelerator):
             self._stop_here(model, saved)
 
@@ -175,10 +183,20 @@ class _Run:
         self.log_window = []
 
     def _save_checkpoint(self, model: torch.nn.Module) -> Path:
-        step = self.progress.step
-        check_weights_finite(self.accelerator, model, f"the checkpoint of step {step}")
+        self._check_weights(model, f"the checkpoint of step {self.progress.step}")
         return save_checkpoint(self.accelerator, self.checkpoints, self.progress, self.history,
                                self.train.keep_checkpoints, self.train.batch_size, self.identity)
+
+    def _check_weights(self, model: torch.nn.Module, what: str) -> None:
+        """An update can overflow the weights while the loss that drove it was still finite
+        (how soon depends on the CPU's arithmetic): the same hint as a non-finite loss."""
+        if weights_finite(self.accelerator, model):
+            return
+        hint = divergence_hint(self.section, self.train.learning_rate)
+        raise NonFiniteError(f"{self.desc}: the weights are not finite at step "
+                             f"{self.progress.step} (its loss was still finite); {hint}. "
+                             f"{what[0].upper()}{what[1:]} is not written and the previous one, "
+                             f"if any, is kept")
 
     def _stop_here(self, model: torch.nn.Module, saved: Path | None) -> None:
         """Save where the job stands (unless this step was just saved) and leave: a rerun

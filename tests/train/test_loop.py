@@ -3,6 +3,7 @@ micro-batches, so accumulation changes nothing but memory."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from kdscale.config import TrainConfig
@@ -42,6 +43,8 @@ def test_accumulated_micro_batches_equal_one_batch():
     split, split_history = train(batch_size=4, accumulation=2)
     assert len(whole_history) == len(split_history) == 2
     torch.testing.assert_close(split, whole, rtol=0, atol=1e-6)
+    # The rows are summed in another order (by micro-batch, and by the CPU's kernels), so the
+    # fp32 sums may differ in the last bit; a per-micro-batch mean would move them by percents.
     for a, b in zip(whole_history, split_history, strict=True):
-        assert a["loss"] == b["loss"]
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6, abs=0)
     assert [h["lr"] for h in split_history] == [0.05, 0.0]  # one scheduler step per step
