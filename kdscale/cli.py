@@ -119,6 +119,6 @@ def entry() -> None:
     # Every command that joins a launch has imported kdscale.distributed; `env` may not
     # have, and ends without waiting for torch to import.
     distributed = sys.modules.get("kdscale.distributed")
-    if distributed is not None and distributed.launched_distributed():
-        distributed.exit_without_teardown(code)
+    if distributed is not None:
+        distributed.end_process(code)
     sys.exit(code)

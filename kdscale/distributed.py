@@ -148,6 +148,16 @@ def exit_without_teardown(code: int) -> NoReturn:
     os._exit(code)
 
 
+def end_process(code: int = 0) -> NoReturn:
+    """The last line of a script (kdscale's commands, a Trainer script) whose work is done: a
+    launched process leaves the group with the others and ends without the interpreter's
+    teardown (`exit_without_teardown`); a process run alone exits as usual."""
+    if launched_distributed():
+        leave_process_group()
+        exit_without_teardown(code)
+    sys.exit(code)
+
+
 def leave_process_group_at_exit() -> None:
     """For scripts that kdscale does not end, a user's Trainer script: leave the group
     together when the interpreter exits. Registered once however often it is called."""

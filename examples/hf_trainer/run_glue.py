@@ -1,7 +1,7 @@
 """Fine-tune a sequence classifier on a GLUE-style task in local files: a short, stock
 `Trainer` script in the shape of transformers' text-classification/run_glue.py.
 
-run_glue_distill.py is the same script with three lines changed (diff the two files): it
+run_glue_distill.py is the same script with four lines changed (diff the two files): it
 distills a teacher into the model, from a logit cache or from the teacher itself.
 
     python run_glue.py --model_name_or_path bert-base-uncased --train_file train.csv \

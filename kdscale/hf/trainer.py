@@ -1,8 +1,9 @@
-"""Distillation in an existing Hugging Face `Trainer` script, changing three lines:
+"""Distillation in an existing Hugging Face `Trainer` script, changing four lines:
 
-    from kdscale.hf import DistillationTrainer, DistillationTrainingArguments
+    from kdscale.hf import DistillationTrainer, DistillationTrainingArguments, end_process
     parser = HfArgumentParser((ModelArguments, DataArguments, DistillationTrainingArguments))
     trainer = DistillationTrainer(model=model, args=training_args, ...)   # was Trainer(...)
+    end_process()   # after main(): launched processes end together, without the teardown
 
 and running it with `--kd_cache DIR` (logits from `kdscale cache`) or `--kd_teacher DIR` (the
 teacher run beside the student). Everything else stays the Trainer's: `--deepspeed ds.json`,

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
+from tests.support.exit_probe import EXIT_HANDLERS_ONLY, exit_marks, probe_env
 from tests.support.hf import EXAMPLE, make_task, script_args, train_logs
 from tests.support.pipeline import LAUNCH_ENV, REPO, launch_command
 
@@ -23,11 +24,12 @@ pytestmark = pytest.mark.slow  # real launches: scheduled first (tests/conftest.
 TIMEOUT = 300
 
 
-def run_script(script: str, args: list[str], launch: bool = False) -> subprocess.CompletedProcess:
+def run_script(script: str, args: list[str], launch: bool = False,
+               env: dict | None = None) -> subprocess.CompletedProcess:
     command = (launch_command(EXAMPLE / script, *args) if launch
                else [sys.executable, str(EXAMPLE / script), *args])
-    result = subprocess.run(command, cwd=REPO, env=LAUNCH_ENV, capture_output=True, text=True,
-                            timeout=TIMEOUT)
+    result = subprocess.run(command, cwd=REPO, env={**LAUNCH_ENV, **(env or {})},
+                            capture_output=True, text=True, timeout=TIMEOUT)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result
 
@@ -112,9 +114,12 @@ def test_two_processes_follow_the_one_process_run(task, one_process, tmp_path, s
         source += ["--deepspeed", str(REPO / "configs" / "deepspeed" / f"{stage}.json")]
     args = script_args(task, tmp_path, *source, "--gradient_accumulation_steps",
                        str(accumulation), batch_size=batch)
-    result = run_script("run_glue_distill.py", args, launch=True)
+    result = run_script("run_glue_distill.py", args, launch=True,
+                        env=probe_env(tmp_path / "probe"))
     assert f"2 process(es) x {batch} rows x {accumulation} accumulation = 16 rows per step" \
         in result.stdout
+    # end_process(): no rank meets its groups' gloo threads in the interpreter's teardown.
+    assert exit_marks(tmp_path / "probe") == EXIT_HANDLERS_ONLY
     if teacher != "cache":
         assert f"a live teacher ({teacher}," in result.stdout
     torch.testing.assert_close(losses(tmp_path, "kd_soft", "kd_hard"),

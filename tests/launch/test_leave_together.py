@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 from kdscale.distributed import free_port
+from tests.support.exit_probe import EXIT_HANDLERS_ONLY, exit_marks, probe_env
 from tests.support.pipeline import (
     LAUNCH_ENV,
     REPO,
@@ -62,32 +63,14 @@ def test_a_failed_run_exits_without_waiting_for_the_others(tmp_path):
     assert result.stdout.splitlines() == ["rank 0: group up at exit"]
 
 
-# Imported by every interpreter that finds it first on the path; in a launched rank it marks
-# the exit handlers' run and, from an object's finaliser, the interpreter's teardown.
-PROBE = """
-import atexit, os
-if "RANK" in os.environ:
-    marks = os.path.join(os.environ["PROBE_DIR"], "rank" + os.environ["RANK"])
-    class _Teardown:  # what its finaliser uses is bound now: teardown empties the modules
-        def __del__(self, path=marks + "-teardown", open=open):
-            open(path, "w").close()
-    _teardown = _Teardown()
-    atexit.register(lambda path=marks + "-exit-handlers": open(path, "w").close())
-"""
-
-
 def test_a_deepspeed_distill_runs_its_exit_handlers_and_skips_the_teardown(quick_demo, tmp_path):
-    (tmp_path / "probe").mkdir()
-    (tmp_path / "probe" / "sitecustomize.py").write_text(PROBE)
     config = write_config(tmp_path / "c.yaml", quick_demo, output_dir=str(tmp_path / "out"),
                           teacher={"checkpoint": str(quick_demo / "teacher")},
                           cache={"dir": str(quick_demo / "cache")},
                           distill={"max_steps": 2, "batch_size": 16})
     result = accelerate_launch("-m", "kdscale", "distill", "--config", config,
                                config_file="configs/accelerate/cpu_zero2.yaml",
-                               env={"PYTHONPATH": str(tmp_path / "probe"),
-                                    "PROBE_DIR": str(tmp_path / "probe")})
+                               env=probe_env(tmp_path / "probe"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "out" / "student" / "model.safetensors").exists()
-    marks = sorted(p.name for p in (tmp_path / "probe").iterdir() if p.name.startswith("rank"))
-    assert marks == ["rank0-exit-handlers", "rank1-exit-handlers"]
+    assert exit_marks(tmp_path / "probe") == EXIT_HANDLERS_ONLY
