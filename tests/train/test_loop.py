@@ -1,5 +1,6 @@
 """The training loop's arithmetic: a step's loss is the mean over all valid rows of all its
-micro-batches, so accumulation changes nothing but memory."""
+micro-batches, so accumulation changes nothing but memory; and an update that overflows the
+weights stops the run though its loss was finite."""
 
 from __future__ import annotations
 
@@ -8,16 +9,18 @@ import torch
 
 from kdscale.config import TrainConfig
 from kdscale.train.accelerator import make_accelerator
+from kdscale.train.guard import NonFiniteError
 from kdscale.train.loop import train_loop
 
 # Rows 0-3 hold 2 valid labels, rows 4-7 hold 3: per-micro-batch means would weigh them wrong.
 LABELS = torch.tensor([0, 1, -100, -100, -100, 1, 0, 1] * 2)
 
 
-def train(batch_size: int, accumulation: int) -> tuple[torch.Tensor, list[dict]]:
-    settings = TrainConfig(epochs=1, batch_size=batch_size, learning_rate=0.1, warmup_ratio=0.0,
-                           gradient_accumulation_steps=accumulation, max_grad_norm=0.0,
-                           weight_decay=0.0, log_every=1)
+def train(batch_size: int, accumulation: int,
+          learning_rate: float = 0.1) -> tuple[torch.Tensor, list[dict]]:
+    settings = TrainConfig(epochs=1, batch_size=batch_size, learning_rate=learning_rate,
+                           warmup_ratio=0.0, gradient_accumulation_steps=accumulation,
+                           max_grad_norm=0.0, weight_decay=0.0, log_every=1)
     accelerator = make_accelerator(settings, seed=0)
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)
@@ -48,3 +51,14 @@ def test_accumulated_micro_batches_equal_one_batch():
     for a, b in zip(whole_history, split_history, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-6, abs=0)
     assert [h["lr"] for h in split_history] == [0.05, 0.0]  # one scheduler step per step
+
+
+def test_an_update_past_float32s_range_stops_the_run_at_its_last_step_naming_the_rate():
+    """One step, no checkpoints: its loss is finite, the update it drives overflows the
+    weights, and the trained model is refused with the key to change."""
+    with pytest.raises(NonFiniteError) as raised:
+        train(batch_size=16, accumulation=1, learning_rate=1e39)
+    assert str(raised.value) == (
+        "test: the weights are not finite at step 1 (its loss was still finite); the weights "
+        "diverged: expected a smaller train.learning_rate (now 1e+39). The trained model is not "
+        "written and the previous one, if any, is kept")
