@@ -43,19 +43,16 @@ def divergence_hint(section: str, learning_rate: float) -> str:
             f"(now {learning_rate:g})")
 
 
-def check_weights_finite(accelerator: Accelerator, model: torch.nn.Module, what: str) -> None:
-    """Before `what` is written: the weights must be finite."""
-    if not weights_finite(accelerator, model):
-        raise NonFiniteError(f"the weights are not finite; {what} is not written and the "
-                             f"previous one, if any, is kept")
-
-
-def weights_finite(accelerator: Accelerator, model: torch.nn.Module) -> bool:
-    """Every process checks the weights it holds (its ZeRO-3 partition, where parameters are
-    sharded) and all agree."""
+def check_weights_finite(accelerator: Accelerator, model: torch.nn.Module, what: str,
+                         cause: str = "the weights are not finite") -> None:
+    """Before `what` is written: every process checks the weights it holds (its ZeRO-3
+    partition, where parameters are sharded) and all agree. `cause` opens the error: where
+    the weights went wrong and what to change, where the caller knows."""
     local = all(bool(torch.isfinite(_held(p)).all()) for p in model.parameters())
     flag = torch.tensor(0.0 if local else 1.0, device=accelerator.device)
-    return reduce_sum(accelerator, flag).item() == 0
+    if reduce_sum(accelerator, flag).item() > 0:
+        raise NonFiniteError(f"{cause}; {what} is not written and the previous one, if any, "
+                             f"is kept")
 
 
 def _held(param: torch.Tensor) -> torch.Tensor:

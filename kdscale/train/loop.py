@@ -33,13 +33,7 @@ from kdscale.train.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from kdscale.train.guard import (
-    NonFiniteError,
-    check_step_finite,
-    check_weights_finite,
-    divergence_hint,
-    weights_finite,
-)
+from kdscale.train.guard import check_step_finite, check_weights_finite, divergence_hint
 from kdscale.train.stopping import JobStopped, StopRequest
 from kdscale.train.timing import StepTimer
 from kdscale.train.tracking import flat_metrics
@@ -190,13 +184,10 @@ class _Run:
     def _check_weights(self, model: torch.nn.Module, what: str) -> None:
         """An update can overflow the weights while the loss that drove it was still finite
         (how soon depends on the CPU's arithmetic): the same hint as a non-finite loss."""
-        if weights_finite(self.accelerator, model):
-            return
         hint = divergence_hint(self.section, self.train.learning_rate)
-        raise NonFiniteError(f"{self.desc}: the weights are not finite at step "
-                             f"{self.progress.step} (its loss was still finite); {hint}. "
-                             f"{what[0].upper()}{what[1:]} is not written and the previous one, "
-                             f"if any, is kept")
+        check_weights_finite(self.accelerator, model, what, cause=(
+            f"{self.desc}: the weights are not finite at step {self.progress.step} (its loss "
+            f"was still finite); {hint}"))
 
     def _stop_here(self, model: torch.nn.Module, saved: Path | None) -> None:
         """Save where the job stands (unless this step was just saved) and leave: a rerun

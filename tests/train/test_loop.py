@@ -60,5 +60,5 @@ def test_an_update_past_float32s_range_stops_the_run_at_its_last_step_naming_the
         train(batch_size=16, accumulation=1, learning_rate=1e39)
     assert str(raised.value) == (
         "test: the weights are not finite at step 1 (its loss was still finite); the weights "
-        "diverged: expected a smaller train.learning_rate (now 1e+39). The trained model is not "
+        "diverged: expected a smaller train.learning_rate (now 1e+39); the trained model is not "
         "written and the previous one, if any, is kept")
